@@ -1,0 +1,11 @@
+"""semiseg_d2: semi-supervised semantic segmentation on Detectron2.
+
+Importing the package registers its datasets, backbones, heads, meta-architectures and loss terms.
+"""
+from .config import add_semiseg_config, check_semiseg_config, get_semiseg_cfg
+from . import data  # noqa: F401  registers datasets
+from . import modeling  # noqa: F401  registers backbones, heads, meta-architectures
+from . import losses  # noqa: F401  registers loss terms
+
+__all__ = ["add_semiseg_config", "check_semiseg_config", "get_semiseg_cfg"]
+__version__ = "0.1.0"

@@ -1,0 +1,158 @@
+"""Every config key semiseg_d2 adds to Detectron2's defaults, with its default and why it exists.
+
+Nothing in the package reads a key that is not declared here. Sections:
+  MODEL.*            backbone/head/segmentor options (on top of detectron2.projects.deeplab's keys)
+  INPUT.*            train-time geometry and the strong (photometric) augmentation of unlabeled views
+  DATASETS.*         labeled / unlabeled training sets, several labeled sources with ratios
+  SOLVER.*           LR multipliers, bf16 autocast, unlabeled batch size
+  TEST.*             sliding-window and multi-scale/flip inference, evaluating student and teacher
+  SEMI.*             the semi-supervised engine: loss terms, EMA teacher, burn-in, mixing
+  SEMI.<TERM>.*      one sub-node per loss term (weight + its own options)
+"""
+from detectron2.config import CfgNode as CN
+from detectron2.projects.deeplab import add_deeplab_config
+
+# Marker that add_semiseg_config() ran; tools check it to give a clear error for plain detectron2 configs.
+_MARKER = "SEMISEG_CONFIG_VERSION"
+
+
+def add_semiseg_config(cfg: CN) -> CN:
+    """Add semiseg_d2's keys to a detectron2 config (in place) and return it."""
+    if _MARKER in cfg:
+        return cfg
+    add_deeplab_config(cfg)  # RESNETS.STEM_TYPE/RES4_DILATION/RES5_MULTI_GRID, ASPP_*, POLY_LR_*
+    cfg[_MARKER] = 1  # bump when a key changes meaning
+
+    # ------------------------------------------------------------------ MODEL
+    cfg.MODEL.META_ARCHITECTURE = "Segmentor"
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_deeplab_backbone"
+    cfg.MODEL.RESNETS.DEPTH = 101
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res4", "res5"]  # res2: low-level, res4: aux head, res5: ASPP
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 128  # DeepLab deep stem 3x(3x3): 64-64-128
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 256
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False  # torchvision/DeepLab ResNet put stride in the 3x3 conv
+    cfg.MODEL.RESNETS.NORM = "BN"  # "BN" or "SyncBN" (SyncBN needs a process group; BN on CPU)
+    # Output stride of the backbone: 8 (res4 dilation 2, res5 dilation 4) or 16 (res5 dilation 2).
+    # Sets RESNETS.RES4_DILATION / RES5_DILATION when the model is built (see modeling/backbone).
+    cfg.MODEL.RESNETS.OUTPUT_STRIDE = 16
+    cfg.MODEL.FREEZE_BN = False  # keep backbone BN in eval mode (small-batch fine-tuning)
+    cfg.MODEL.CHANNELS_LAST = False  # run convolutions in channels_last memory format (GPU speed)
+    cfg.MODEL.DEVICE = "cpu"  # detectron2 default is "cuda"; GPU configs set "cuda"
+
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV3PlusFeatHead"  # or "DeepLabV2Head"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res5"]  # low-level + ASPP input (v2 uses only the last)
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 19
+    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS = [6, 12, 18]  # v3+: 3 atrous branches + image pooling
+    cfg.MODEL.SEM_SEG_HEAD.V2_DILATIONS = [6, 12, 18, 24]  # DeepLabv2: 4 branches, outputs summed
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 256
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.1
+    cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS = [48]  # low-level projection width (res2 -> 48)
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256  # decoder width = dimension of the feature the methods use
+    cfg.MODEL.SEM_SEG_HEAD.DECODER_DROPOUT = 0.1  # dropout before the final 1x1 classifier
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "BN"
+    # Loss on labeled pixels: "cross_entropy" or "ohem" (online hard example mining).
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT = 1.0
+    cfg.MODEL.SEM_SEG_HEAD.OHEM_THRESH = 0.7  # keep pixels whose GT-class probability is below this ...
+    cfg.MODEL.SEM_SEG_HEAD.OHEM_MIN_KEPT = 100000  # ... but at least this many pixels per batch
+    # Auxiliary FCN head on res4 (PSPNet/DGCL style); 0 disables it (and it is not built).
+    cfg.MODEL.SEM_SEG_HEAD.AUX_LOSS_WEIGHT = 0.0
+    cfg.MODEL.SEM_SEG_HEAD.AUX_IN_FEATURE = "res4"
+    cfg.MODEL.SEM_SEG_HEAD.AUX_CHANNELS = 256
+
+    # ------------------------------------------------------------------ INPUT
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.INPUT.SCALE_RANGE = [0.5, 2.0]  # random resize factor of the original image (train)
+    cfg.INPUT.BASE_SIZE = 0  # if > 0, the long side is first resized to this before SCALE_RANGE (VOC: 0)
+    cfg.INPUT.CROP.ENABLED = True
+    cfg.INPUT.CROP.TYPE = "absolute"
+    cfg.INPUT.CROP.SIZE = (512, 512)  # (h, w); images smaller than this are padded (labels with ignore)
+    cfg.INPUT.RANDOM_FLIP = "horizontal"
+    # Strong view of unlabeled images (UniMatch defaults): photometric only, same geometry as the weak view.
+    cfg.INPUT.STRONG = CN()
+    cfg.INPUT.STRONG.COLOR_JITTER_PROB = 0.8
+    cfg.INPUT.STRONG.COLOR_JITTER = [0.5, 0.5, 0.5, 0.25]  # brightness, contrast, saturation, hue
+    cfg.INPUT.STRONG.GRAYSCALE_PROB = 0.2
+    cfg.INPUT.STRONG.BLUR_PROB = 0.5
+    cfg.INPUT.STRONG.BLUR_SIGMA = [0.1, 2.0]
+
+    # ------------------------------------------------------------------ DATASETS
+    cfg.DATASETS.TRAIN_LABELED = ()  # semi-supervised: labeled training sets
+    # One sampling weight per TRAIN_LABELED entry (e.g. GTA5 + Cityscapes subset); empty = concatenate.
+    cfg.DATASETS.TRAIN_LABELED_RATIOS = []
+    cfg.DATASETS.TRAIN_UNLABELED = ()  # semi-supervised: unlabeled training sets (labels never read)
+
+    # ------------------------------------------------------------------ SOLVER
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"
+    cfg.SOLVER.POLY_LR_POWER = 0.9
+    cfg.SOLVER.BACKBONE_LR_MULTIPLIER = 1.0  # lr of backbone params = BASE_LR * this
+    cfg.SOLVER.HEAD_LR_MULTIPLIER = 10.0  # lr of every non-backbone param (heads, projectors) = BASE_LR * this
+    cfg.SOLVER.IMS_PER_BATCH_UNLABELED = 2  # global unlabeled batch (SOLVER.IMS_PER_BATCH is the labeled one)
+    cfg.SOLVER.AMP.PRECISION = "bfloat16"  # autocast dtype when SOLVER.AMP.ENABLED ("bfloat16"/"float16")
+
+    # ------------------------------------------------------------------ TEST
+    cfg.TEST.SLIDING_WINDOW = CN()
+    cfg.TEST.SLIDING_WINDOW.ENABLED = False
+    cfg.TEST.SLIDING_WINDOW.SIZE = (769, 769)  # (h, w) window
+    cfg.TEST.SLIDING_WINDOW.STRIDE = (513, 513)  # (h, w) step between windows
+    cfg.TEST.AUG.SCALES = [1.0]  # multi-scale test factors (used when TEST.AUG.ENABLED)
+    cfg.TEST.AUG.FLIP = True  # add horizontal flips (used when TEST.AUG.ENABLED)
+    cfg.TEST.EVAL_TEACHER = True  # semi-supervised runs: also evaluate the EMA teacher
+    cfg.TEST.EVAL_STUDENT = True  # semi-supervised runs: evaluate the student
+
+    # ------------------------------------------------------------------ SEMI
+    cfg.SEMI = CN()
+    cfg.SEMI.LOSSES = ["supervised", "pseudo_label"]  # loss terms from SEMI_LOSS_REGISTRY, in order
+    cfg.SEMI.BURN_IN_ITERS = 0  # supervised-only iterations; the teacher is then copied from the student
+    cfg.SEMI.WEIGHTS_FOR_EXPORT = "teacher"  # which network tools/export_model.py writes by default
+    cfg.SEMI.EMA = CN()
+    cfg.SEMI.EMA.MOMENTUM = 0.999
+    # "constant": m; "warm_start": min(1 - 1/(it+1), m) (DGCL/U2PL);
+    # "cosine": m -> 1 over training, m_t = 1 - (1 - m) * (cos(pi*t/T) + 1) / 2 (Alonso et al.)
+    cfg.SEMI.EMA.SCHEDULE = "warm_start"
+    cfg.SEMI.MIX = CN()
+    cfg.SEMI.MIX.TYPE = "cutmix"  # "none", "cutmix" (one box), "classmix" (half of the teacher's classes)
+    cfg.SEMI.MIX.PROB = 0.5  # probability that a strong image is mixed
+    cfg.SEMI.MIX.CUTMIX_AREA = [0.02, 0.4]  # CutMix box area as a fraction of the crop (UniMatch)
+    cfg.SEMI.MIX.CUTMIX_RATIO = [0.3, 3.3]  # CutMix box aspect ratio range
+    cfg.SEMI.STUDENT_WEAK = False  # also run the student on weak views (set by terms that need it, e.g. dgcl)
+    cfg.SEMI.TEACHER_AUTOCAST = True  # teacher forward under autocast when SOLVER.AMP.ENABLED
+    cfg.SEMI.VIS_PERIOD = 0  # TensorBoard images every N iterations (0 = off)
+    cfg.SEMI.NONFINITE_CHECK = True  # stop on NaN/inf loss naming the iteration and the term
+
+    # supervised term: CE/OHEM on labeled pixels (+ aux head), as in MODEL.SEM_SEG_HEAD.LOSS_*
+    cfg.SEMI.SUPERVISED = CN()
+    cfg.SEMI.SUPERVISED.WEIGHT = 1.0
+
+    # pseudo_label term: CE of the student on strong (mixed) views against the teacher's pseudo-labels
+    cfg.SEMI.PSEUDO_LABEL = CN()
+    cfg.SEMI.PSEUDO_LABEL.WEIGHT = 1.0
+    # "none", "threshold" (keep confidence >= THRESHOLD, FixMatch/UniMatch) or
+    # "entropy" (drop the DROP_PERCENT * (1 - progress) % highest-entropy pixels, U2PL/DGCL)
+    cfg.SEMI.PSEUDO_LABEL.FILTER = "threshold"
+    cfg.SEMI.PSEUDO_LABEL.THRESHOLD = 0.95
+    cfg.SEMI.PSEUDO_LABEL.DROP_PERCENT = 20.0
+    cfg.SEMI.PSEUDO_LABEL.CONF_POWER = 0.0  # s > 0: weight each pixel by p^s (Alonso et al., s = 6)
+    # Loss normalisation: "all" divides by every valid unlabeled pixel (UniMatch/U2PL), "kept" by kept ones.
+    cfg.SEMI.PSEUDO_LABEL.NORMALIZE = "all"
+    cfg.SEMI.PSEUDO_LABEL.RAMPUP = "none"  # "none", "sigmoid" (exp(-5(1-t)^2)) or "linear"
+    cfg.SEMI.PSEUDO_LABEL.RAMPUP_ITERS = 0  # ramp length after burn-in
+    cfg.SEMI.PSEUDO_LABEL.START_ITER = 0  # term is zero before this iteration (Alonso: 2000)
+    return cfg
+
+
+def check_semiseg_config(cfg: CN) -> None:
+    """Raise a clear error when a config was not extended with add_semiseg_config()."""
+    if _MARKER not in cfg:
+        raise KeyError(
+            "this config has no semiseg_d2 keys: call semiseg_d2.add_semiseg_config(cfg) before "
+            "cfg.merge_from_file(...) (tools/train_net.py and tools/demo.py do)"
+        )
+
+
+def get_semiseg_cfg() -> CN:
+    """A detectron2 default config extended with semiseg_d2's keys."""
+    from detectron2.config import get_cfg
+
+    return add_semiseg_config(get_cfg())
