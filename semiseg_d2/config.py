@@ -25,7 +25,10 @@ def add_semiseg_config(cfg: CN) -> CN:
 
     # ------------------------------------------------------------------ MODEL
     cfg.MODEL.META_ARCHITECTURE = "Segmentor"
-    cfg.MODEL.BACKBONE.NAME = "build_resnet_deeplab_backbone"
+    cfg.MODEL.BACKBONE.NAME = "build_semiseg_resnet_backbone"  # OUTPUT_STRIDE-aware DeepLab ResNet (modeling/backbone)
+    # RGB, 0..255 (INPUT.FORMAT "RGB"): ImageNet statistics of torchvision/timm weights (tools/convert_pretrained.py)
+    cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+    cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
     cfg.MODEL.RESNETS.DEPTH = 101
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res4", "res5"]  # res2: low-level, res4: aux head, res5: ASPP
     cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 128  # DeepLab deep stem 3x(3x3): 64-64-128
@@ -96,6 +99,7 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.TEST.SLIDING_WINDOW.ENABLED = False
     cfg.TEST.SLIDING_WINDOW.SIZE = (769, 769)  # (h, w) window
     cfg.TEST.SLIDING_WINDOW.STRIDE = (513, 513)  # (h, w) step between windows
+    cfg.TEST.SLIDING_WINDOW.BATCH_SIZE = 4  # windows per forward pass (memory vs speed)
     cfg.TEST.AUG.SCALES = [1.0]  # multi-scale test factors (used when TEST.AUG.ENABLED)
     cfg.TEST.AUG.FLIP = True  # add horizontal flips (used when TEST.AUG.ENABLED)
     cfg.TEST.EVAL_TEACHER = True  # semi-supervised runs: also evaluate the EMA teacher
