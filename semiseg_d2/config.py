@@ -29,6 +29,7 @@ def add_semiseg_config(cfg: CN) -> CN:
     # RGB, 0..255 (INPUT.FORMAT "RGB"): ImageNet statistics of torchvision/timm weights (tools/convert_pretrained.py)
     cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
     cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0  # segmentation fine-tunes every stage (detectron2 default 2 freezes stem+res2)
     cfg.MODEL.RESNETS.DEPTH = 101
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res4", "res5"]  # res2: low-level, res4: aux head, res5: ASPP
     cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 128  # DeepLab deep stem 3x(3x3): 64-64-128
