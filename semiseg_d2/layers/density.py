@@ -1,0 +1,166 @@
+"""kNN feature density (DGCL, CVPR 2023): how crowded a feature's neighbourhood in a memory bank is.
+
+density(q) = mean over k in ks of [ mean of the k largest cosine similarities between q and the keys ]
+
+Features are L2-normalised, the similarity is their dot product (the official code's ``norm=True,
+mode='dot'``), and everything is computed in fp32 with autocast disabled, whatever the input dtype.
+One ``topk`` with ``max(ks)`` serves every k through a cumulative sum.
+"""
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Default bound on the number of similarity entries materialised at once (64 MiB in fp32).
+DEFAULT_MAX_ELEMENTS = 2 ** 24
+
+
+def _check_ks(ks: Sequence[int]):
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"knn density: ks must be a non-empty list of positive ints; got {ks}")
+    return ks
+
+
+def _mean_of_topk(sorted_vals: torch.Tensor, num_valid: torch.Tensor, ks) -> torch.Tensor:
+    """sorted_vals: [..., K] descending, entries at positions >= num_valid are ignored (any value);
+    num_valid: long broadcastable to [...]. Returns [...]: mean over ks of the mean of the first
+    min(k, num_valid) values; 0 where num_valid == 0."""
+    K = sorted_vals.shape[-1]
+    pos = torch.arange(K, device=sorted_vals.device)
+    valid = pos < num_valid.unsqueeze(-1)
+    csum = torch.where(valid, sorted_vals, torch.zeros_like(sorted_vals)).cumsum(-1)
+    out = torch.zeros(sorted_vals.shape[:-1], dtype=sorted_vals.dtype, device=sorted_vals.device)
+    if K == 0:
+        return out
+    for k in ks:  # len(ks) is a small static number: no data-dependent work in this loop
+        kk = torch.clamp(torch.minimum(num_valid, torch.full_like(num_valid, k)), min=1)
+        kk = kk.expand(out.shape)
+        out = out + csum.gather(-1, (kk - 1).unsqueeze(-1)).squeeze(-1) / kk.to(csum.dtype)
+    out = out / len(ks)
+    return torch.where(num_valid.expand(out.shape) > 0, out, torch.zeros_like(out))
+
+
+def knn_density(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    ks: Sequence[int] = (8, 16, 32),
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> torch.Tensor:
+    """Density of each query w.r.t. one set of keys.
+
+    Args:
+        queries: [Q, D] float (any float dtype; computed in fp32).
+        keys: [M, D] float.
+        ks: neighbourhood sizes; k > M uses min(k, M) (the mean over all M keys).
+        max_elements: queries are processed in chunks of ``max(1, max_elements // M)`` rows so that at most
+            ``max(M, max_elements)`` similarities exist at once. Results do not depend on the chunking.
+    Returns:
+        [Q] fp32. M == 0 gives zeros (no keys: no density; callers mask such classes by the bank count).
+    Differentiable w.r.t. queries and keys (wrap in no_grad when not needed).
+    """
+    ks = _check_ks(ks)
+    if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"knn_density: expected queries [Q, D] and keys [M, D]; got {tuple(queries.shape)} "
+                         f"and {tuple(keys.shape)}")
+    Q, M = queries.shape[0], keys.shape[0]
+    if M == 0 or Q == 0:
+        return queries.new_zeros(Q, dtype=torch.float32)
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        q = F.normalize(queries.float(), dim=1)
+        kmat = F.normalize(keys.float(), dim=1)
+        kmax = min(max(ks), M)
+        num_valid = torch.tensor(M, device=q.device)
+        chunk = max(1, max_elements // M)
+        out = []
+        for start in range(0, Q, chunk):
+            sim = q[start:start + chunk] @ kmat.t()
+            top = sim.topk(kmax, dim=1, largest=True, sorted=True).values
+            out.append(_mean_of_topk(top, num_valid.expand(top.shape[0]), ks))
+        return torch.cat(out)
+
+
+def knn_density_grouped(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_count: torch.Tensor,
+    ks: Sequence[int] = (8, 16, 32),
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> torch.Tensor:
+    """Density of class-grouped queries against their own class's bank, batched over classes (no host sync).
+
+    Args:
+        queries: [C, P, D] float; row c holds queries of class c (padding rows give meaningless values).
+        bank: [C, N, D] float; class c's valid entries are ``bank[c, :bank_count[c]]`` (the layout of
+            :class:`ClassMemoryBank`; any order, only the set matters).
+        bank_count: [C] long, number of valid entries per class (clipped to N).
+        ks, max_elements: as in :func:`knn_density`; chunks run over P with C * P_chunk * N <= max_elements.
+    Returns:
+        [C, P] fp32. Per class: k > count uses the mean over the ``count`` available entries; count == 0
+        gives 0.
+    """
+    ks = _check_ks(ks)
+    if queries.dim() != 3 or bank.dim() != 3 or queries.shape[0] != bank.shape[0] or queries.shape[2] != bank.shape[2]:
+        raise ValueError(f"knn_density_grouped: expected queries [C, P, D] and bank [C, N, D]; got "
+                         f"{tuple(queries.shape)} and {tuple(bank.shape)}")
+    C, P, _ = queries.shape
+    N = bank.shape[1]
+    if N == 0 or P == 0 or C == 0:
+        return queries.new_zeros(C, P, dtype=torch.float32)
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        q = F.normalize(queries.float(), dim=2)
+        b = F.normalize(bank.float(), dim=2).transpose(1, 2)  # [C, D, N]
+        count = bank_count.to(device=q.device, dtype=torch.long).clamp(0, N)  # [C]
+        invalid = torch.arange(N, device=q.device) >= count[:, None]  # [C, N]
+        kmax = min(max(ks), N)
+        chunk = max(1, max_elements // (C * N))
+        out = []
+        for start in range(0, P, chunk):
+            sim = torch.bmm(q[:, start:start + chunk], b)  # [C, p, N]
+            sim = sim.masked_fill(invalid[:, None, :], float("-inf"))
+            top = sim.topk(kmax, dim=2, largest=True, sorted=True).values
+            out.append(_mean_of_topk(top, count[:, None], ks))
+        return torch.cat(out, dim=1)
+
+
+def knn_density_per_class(
+    queries: torch.Tensor,
+    query_class: torch.Tensor,
+    bank: torch.Tensor,
+    bank_count: torch.Tensor,
+    ks: Sequence[int] = (8, 16, 32),
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> torch.Tensor:
+    """Density of each query against the valid bank entries of its own class.
+
+    Args:
+        queries: [Q, D] float; query_class: [Q] long in [0, C).
+        bank: [C, N, D] float; bank_count: [C] long (valid entries are ``bank[c, :count[c]]``).
+    Returns:
+        [Q] fp32, equal to ``knn_density(queries[i], bank[c, :count[c]], ks)`` for c = query_class[i]
+        (mean over min(k, count) entries; 0 for an empty class).
+    Queries are scattered into a padded [C, P_max, D] batch (one host sync for P_max = the largest
+    per-class query count) and handed to :func:`knn_density_grouped`; cost is C * P_max * N * D, so it is
+    best when queries are spread over classes (DGCL samples a bounded number per class).
+    """
+    if queries.dim() != 2 or query_class.shape != queries.shape[:1]:
+        raise ValueError(f"knn_density_per_class: expected queries [Q, D] and query_class [Q]; got "
+                         f"{tuple(queries.shape)} and {tuple(query_class.shape)}")
+    C = bank.shape[0]
+    Q = queries.shape[0]
+    if Q == 0:
+        return queries.new_zeros(0, dtype=torch.float32)
+    cls = query_class.long()
+    n = torch.bincount(cls, minlength=C)
+    p_max = int(n.max())  # the one host sync
+    order = torch.argsort(cls, stable=True)
+    start = n.cumsum(0) - n
+    sorted_cls = cls[order]
+    rank = torch.arange(Q, device=cls.device) - start[sorted_cls]
+    slot = sorted_cls * p_max + rank
+    padded = queries.new_zeros(C * p_max, queries.shape[1])
+    padded.index_copy_(0, slot, queries[order])
+    dens = knn_density_grouped(padded.view(C, p_max, -1), bank, bank_count, ks, max_elements).reshape(-1)
+    out = torch.empty(Q, dtype=dens.dtype, device=dens.device)
+    out[order] = dens[slot]
+    return out

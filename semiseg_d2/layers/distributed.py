@@ -1,0 +1,59 @@
+"""Explicit collectives used by stateful loss terms (never called implicitly by the pure layers)."""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def _world_size(group=None) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def all_gather_variable(tensors: List[torch.Tensor], group=None) -> List[torch.Tensor]:
+    """All-gather tensors whose first dim differs across ranks; rank-major concatenation.
+
+    Args:
+        tensors: list of [K, ...] tensors sharing K on this rank (K may differ between ranks; trailing dims
+            and dtypes must match across ranks). They must live on a device the backend supports (CPU for
+            gloo, CUDA for NCCL).
+    Returns:
+        list of [sum_r K_r, ...] — identical on every rank. Not distributed / world 1: the inputs.
+    One size exchange (a host sync for the max), then one all_gather per tensor on padded copies.
+    """
+    world = _world_size(group)
+    if world == 1 or not tensors:
+        return list(tensors)
+    K = tensors[0].shape[0]
+    if any(t.shape[0] != K for t in tensors):
+        raise ValueError("all_gather_variable: tensors must share their first dim on each rank")
+    device = tensors[0].device
+    size = torch.tensor([K], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in torch.cat(sizes).tolist()]
+    k_max = max(sizes)
+    out = []
+    for t in tensors:
+        padded = t.new_zeros((k_max,) + tuple(t.shape[1:]))
+        padded[:K] = t
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        out.append(torch.cat([p[:s] for p, s in zip(parts, sizes)]))
+    return out
+
+
+def gather_for_enqueue(
+    values: Dict[str, torch.Tensor], labels: torch.Tensor, group=None
+) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """All-gather a bank update so that every rank enqueues the same entries (and holds the same bank).
+
+    Args:
+        values: name -> [K, ...]; labels: [K] long. K may differ across ranks.
+    Returns:
+        (values, labels) with [sum_r K_r, ...], ordered by rank. No-op when not distributed.
+    """
+    names = list(values)
+    gathered = all_gather_variable([values[n] for n in names] + [labels], group=group)
+    return dict(zip(names, gathered[:-1])), gathered[-1]
