@@ -1,1 +1,4 @@
-
+"""Dataset registrations (one ``register_<name>.py`` each); :mod:`.builtin` registers them at import."""
+from . import builtin  # noqa: F401
+from .builtin import BUILTIN_DATASETS, datasets_root  # noqa: F401
+from .common import unregister  # noqa: F401

@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Make or convert labeled/unlabeled split lists.
+
+  # seeded partition of a registered dataset (count or ratio) -> DIR/labeled.txt, DIR/unlabeled.txt
+  python tools/make_splits.py partition --dataset camvid_train --labeled 46 --seed 0 --out semiseg_d2/data/splits/camvid/46
+  python tools/make_splits.py partition --dataset cityscapes_fine_train --ratio 0.125 --format path --out DIR
+  # convert a list between formats: id | path | unimatch | cps (see semiseg_d2/data/splits/splits.py)
+  python tools/make_splits.py convert --input labeled.txt --output labeled_unimatch.txt --format unimatch --dataset voc_2012_seg_train_aug
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from semiseg_d2.data.splits.splits import FORMATS, convert_list, partition_dataset
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    part = sub.add_parser("partition", help="seeded labeled/unlabeled partition of a registered dataset")
+    part.add_argument("--dataset", required=True, help="registered dataset name (images are checked on disk)")
+    group = part.add_mutually_exclusive_group(required=True)
+    group.add_argument("--labeled", type=int, help="number of labeled images")
+    group.add_argument("--ratio", type=float, help="labeled fraction, e.g. 0.125 for 1/8")
+    part.add_argument("--seed", type=int, default=0)
+    part.add_argument("--format", default="id", choices=FORMATS)
+    part.add_argument("--out", required=True, help="folder for labeled.txt and unlabeled.txt")
+    conv = sub.add_parser("convert", help="rewrite a split list in another format")
+    conv.add_argument("--input", required=True)
+    conv.add_argument("--output", required=True)
+    conv.add_argument("--format", required=True, choices=FORMATS)
+    conv.add_argument("--dataset", default=None, help="registered dataset to look paths up in (ids -> paths)")
+    args = p.parse_args(argv)
+
+    import semiseg_d2  # noqa: F401  registers the datasets
+
+    if args.cmd == "partition":
+        lab, unl = partition_dataset(args.dataset, args.out, args.labeled, args.ratio, args.seed, args.format)
+        print(f"{args.dataset}: {len(lab)} labeled, {len(unl)} unlabeled (seed {args.seed}) -> {args.out}")
+    else:
+        n = convert_list(args.input, args.output, args.format, args.dataset)
+        print(f"{args.input} -> {args.output}: {n} entries in format '{args.format}'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
