@@ -1,0 +1,36 @@
+"""SGD with separate backbone / head learning-rate multipliers (DeepLab practice: head at 10x)."""
+import torch
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+
+
+def lr_multiplier(cfg, param_name: str) -> float:
+    """``SOLVER.BACKBONE_LR_MULTIPLIER`` for backbone parameters, ``HEAD_LR_MULTIPLIER`` for the rest."""
+    is_backbone = param_name.startswith("backbone.") or ".backbone." in param_name
+    return cfg.SOLVER.BACKBONE_LR_MULTIPLIER if is_backbone else cfg.SOLVER.HEAD_LR_MULTIPLIER
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD over the trainable parameters, excluding frozen ones (the EMA teacher) and those a loss term
+    optimises itself (``model.params_with_own_optimizer()``, e.g. a normalizing flow)."""
+    own = {id(p) for p in getattr(model, "params_with_own_optimizer", lambda: [])()}
+    groups = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        lr_factor_func=lambda name: lr_multiplier(cfg, name),
+    )
+    for g in groups:
+        g["params"] = [p for p in g["params"] if id(p) not in own]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    sgd = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
+    return sgd(
+        groups,
+        lr=cfg.SOLVER.BASE_LR,
+        momentum=cfg.SOLVER.MOMENTUM,
+        nesterov=cfg.SOLVER.NESTEROV,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        foreach=True,
+    )

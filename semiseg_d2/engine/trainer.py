@@ -1,0 +1,236 @@
+"""Trainers: ``SegTrainer`` (supervised Segmentor) and ``SemiSegTrainer`` (SemiSegmentor).
+
+Both are Detectron2 ``DefaultTrainer`` subclasses: same hooks, writers, evaluation and checkpoint
+conventions, with these changes:
+- a deterministic, resumable data stream (``data/stream.py``): a resumed run sees the same batches;
+- bf16/fp16 autocast from ``SOLVER.AMP`` (no grad scaler for bf16), fp32 master weights;
+- a non-finite loss stops training naming the iteration, the loss and the term that produced it;
+- checkpoints written atomically with RNG states and the config; resuming refuses another config
+  and any missing/unexpected key;
+- SGD with backbone/head LR multipliers, parameters a loss term optimises itself left out;
+- ``SemiSegTrainer`` adds the EMA teacher hook, evaluates student and teacher, and runs stateful
+  loss-term updates (memory banks, flows) after each optimizer step.
+"""
+import logging
+import time
+import weakref
+from collections import OrderedDict
+
+import torch
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..config import check_semiseg_config
+from ..data.build import build_sem_seg_test_loader, build_sem_seg_train_loader, build_semi_train_loader
+from ..evaluation import build_sem_seg_evaluator
+from .checkpoint import SemiSegCheckpointer, restore_rng_state
+from .hooks import EMAHook, unwrap_model
+from .optimizer import build_optimizer
+
+logger = logging.getLogger(__name__)
+
+_AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_dtype(cfg):
+    """The autocast dtype of ``SOLVER.AMP`` (None when disabled)."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None
+    name = cfg.SOLVER.AMP.PRECISION
+    if name not in _AMP_DTYPES:
+        raise ValueError(f"SOLVER.AMP.PRECISION: unknown '{name}'; known: {', '.join(_AMP_DTYPES)}")
+    return _AMP_DTYPES[name]
+
+
+class SemiSegTrainLoop(SimpleTrainer):
+    """One optimisation step: forward (autocast), finiteness check, backward, step, term updates."""
+
+    def __init__(self, model, data_loader, optimizer, amp_dtype=None, check_finite: bool = True):
+        super().__init__(model, data_loader, optimizer)
+        self.amp_dtype = amp_dtype
+        self.check_finite = check_finite
+        self.grad_scaler = (
+            torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and torch.cuda.is_available() else None
+        )
+
+    def _raise_if_not_finite(self, loss_dict, module):
+        values = torch.stack([v.detach().float() for v in loss_dict.values()])
+        if bool(torch.isfinite(values).all()):
+            return
+        owners = getattr(module, "loss_owner", {})
+        bad = [
+            f"{k} (term '{owners[k]}')" if k in owners else k
+            for k, v in loss_dict.items()
+            if not bool(torch.isfinite(v).all())
+        ]
+        raise FloatingPointError(
+            f"non-finite loss at iteration {self.iter}: {', '.join(bad)}; training stopped, "
+            "the last checkpoint on disk is untouched"
+        )
+
+    def run_step(self):
+        assert self.model.training, "[SemiSegTrainLoop] model was changed to eval mode!"
+        module = unwrap_model(self.model)
+        module.iteration = self.iter
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        device_type = "cuda" if next(module.parameters()).is_cuda else "cpu"
+        with torch.autocast(device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            loss_dict = self.model(data)
+        metrics = module.pop_metrics() if hasattr(module, "pop_metrics") else {}
+        if self.check_finite:
+            self._raise_if_not_finite(loss_dict, module)
+        losses = sum(loss_dict.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(losses).backward()
+        else:
+            losses.backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        if metrics:
+            values = {k: v.item() for k, v in metrics.items()}
+            if comm.is_main_process():
+                self.storage.put_scalars(**values)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        if hasattr(module, "after_optimizer_step"):
+            module.after_optimizer_step()
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+class SegTrainer(DefaultTrainer):
+    """Supervised training of a ``Segmentor`` (and the base of ``SemiSegTrainer``)."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        check_semiseg_config(cfg)
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=self._find_unused(cfg))
+        self._trainer = SemiSegTrainLoop(
+            model, data_loader, optimizer, amp_dtype=autocast_dtype(cfg), check_finite=self._check_finite(cfg)
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = SemiSegCheckpointer(model, cfg.OUTPUT_DIR, cfg=cfg, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @staticmethod
+    def _find_unused(cfg) -> bool:
+        return False
+
+    @staticmethod
+    def _check_finite(cfg) -> bool:
+        return cfg.SEMI.NONFINITE_CHECK
+
+    def resume_or_load(self, resume: bool = True):
+        """Resume everything from OUTPUT_DIR's last checkpoint, or load MODEL.WEIGHTS into the network."""
+        if resume and self.checkpointer.has_checkpoint():
+            path = self.checkpointer.get_checkpoint_file()
+            self.checkpointer.check_config(path, self.cfg)
+            rest = self.checkpointer.load(path, strict=True)
+            if "rng" in rest:
+                restore_rng_state(rest["rng"])
+            self.start_iter = self.iter + 1
+        else:
+            self.load_initial_weights(self.cfg.MODEL.WEIGHTS)
+            self.start_iter = 0
+        self.data_loader.set_start(self.start_iter)
+
+    def load_initial_weights(self, path: str) -> None:
+        if path:
+            SemiSegCheckpointer(unwrap_model(self.model)).load(path, checkpointables=[])
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_deeplab_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_sem_seg_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_sem_seg_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_sem_seg_evaluator(cfg, dataset_name, output_folder)
+
+
+class SemiSegTrainer(SegTrainer):
+    """Semi-supervised training of a ``SemiSegmentor`` (student + EMA teacher + loss terms)."""
+
+    @staticmethod
+    def _find_unused(cfg) -> bool:
+        # Burn-in steps and terms switched off early leave some parameters without gradient.
+        return True
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_semi_train_loader(cfg)
+
+    def load_initial_weights(self, path: str) -> None:
+        """MODEL.WEIGHTS initialise the student (e.g. ImageNet backbone); the teacher starts as its copy."""
+        if path:
+            model = unwrap_model(self.model)
+            SemiSegCheckpointer(model.student).load(path, checkpointables=[])
+            model.teacher.load_state_dict(model.student.state_dict())
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        cfg = self.cfg
+        ema = EMAHook(cfg.SEMI.EMA.MOMENTUM, cfg.SEMI.EMA.SCHEDULE, cfg.SEMI.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER)
+        # The teacher must be updated before checkpointing/evaluation of the same iteration.
+        ret.insert(2, ema)
+        return ret
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate the networks named by TEST.EVAL_STUDENT / TEST.EVAL_TEACHER; results keyed by network."""
+        module = unwrap_model(model)
+        if not hasattr(module, "eval_network"):
+            return super().test(cfg, model, evaluators)
+        results = OrderedDict()
+        previous = module.eval_network
+        try:
+            for network, enabled in (("student", cfg.TEST.EVAL_STUDENT), ("teacher", cfg.TEST.EVAL_TEACHER)):
+                if enabled:
+                    module.eval_network = network
+                    results[network] = super().test(cfg, model, evaluators)
+        finally:
+            module.eval_network = previous
+        return results
+
+
+def build_trainer(cfg):
+    """The trainer class the config asks for."""
+    return SemiSegTrainer(cfg) if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor" else SegTrainer(cfg)

@@ -1,0 +1,162 @@
+"""Pseudo-label filtering (FixMatch/UniMatch threshold, U2PL/DGCL entropy quantile, Alonso p^s) and
+the ``pseudo_label`` term: cross-entropy of the student on strong (mixed) views against the teacher.
+
+The filters are pure functions shared by every term that reads pseudo-labels (DGCL's contrastive
+term and memory use ``entropy_keep_mask`` with their own percentage).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+
+from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
+
+
+def softmax_entropy(probs: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Entropy ``-sum p log p`` over ``dim`` (``probs [B,C,H,W]`` -> ``[B,H,W]``), computed in fp32."""
+    p = probs.float()
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
+
+
+def threshold_keep_mask(confidence: torch.Tensor, valid: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Keep valid pixels whose teacher confidence is ``>= threshold`` (FixMatch/UniMatch).
+
+    confidence: [B,H,W] float; valid: [B,H,W] bool -> [B,H,W] bool.
+    """
+    return valid & (confidence >= threshold)
+
+
+def entropy_keep_mask(entropy: torch.Tensor, valid: torch.Tensor, drop_percent) -> torch.Tensor:
+    """Drop the ``drop_percent`` % highest-entropy valid pixels of the whole batch (U2PL/DGCL).
+
+    Exactly ``floor(n_valid * drop_percent / 100)`` pixels are dropped (ties broken by position), so a
+    constant map is handled like any other. U2PL thresholds at ``np.percentile`` with ``>=``, which drops
+    the maximum pixel(s) even at 0 %; the rank form here drops none at 0 % and needs no host sync.
+
+    entropy: [B,H,W] float; valid: [B,H,W] bool; drop_percent: float or 0-d tensor -> [B,H,W] bool.
+    """
+    flat = torch.where(valid, entropy.float(), torch.full_like(entropy, float("-inf"), dtype=torch.float32))
+    flat = flat.flatten()
+    order = torch.argsort(flat, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    n_valid = valid.sum()
+    n_drop = torch.floor(n_valid.to(torch.float64) * float(drop_percent) / 100.0).long()
+    return valid & (rank >= n_drop).view_as(valid)
+
+
+def rampup_factor(kind: str, iteration: int, start: int, length: int) -> float:
+    """Weight ramp after ``start``: "none" -> 1; "linear"; "sigmoid" = exp(-5 (1 - t)^2) (Laine & Aila)."""
+    if kind == "none" or length <= 0:
+        return 1.0
+    t = min(max((iteration - start) / length, 0.0), 1.0)
+    if kind == "linear":
+        return t
+    if kind == "sigmoid":
+        return math.exp(-5.0 * (1.0 - t) ** 2)
+    raise ValueError(f"SEMI.PSEUDO_LABEL.RAMPUP: unknown '{kind}'; known: none, linear, sigmoid")
+
+
+def pseudo_label_cross_entropy(
+    logits: torch.Tensor,
+    pseudo_label: torch.Tensor,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    pixel_weight: torch.Tensor = None,
+    normalize: str = "all",
+) -> torch.Tensor:
+    """Cross-entropy of ``logits [B,C,h,w]`` (upsampled to the label size) against ``pseudo_label
+    long[B,H,W]`` on ``keep`` pixels, optionally weighted per pixel (``pixel_weight [B,H,W]``).
+
+    normalize: "all" divides the sum by the number of ``valid`` pixels (UniMatch: filtered pixels
+    count as zero loss), "kept" by the number of kept pixels. Never NaN (0 when nothing is kept).
+    """
+    if logits.shape[-2:] != pseudo_label.shape[-2:]:
+        logits = F.interpolate(logits, size=pseudo_label.shape[-2:], mode="bilinear", align_corners=False)
+    target = torch.where(keep, pseudo_label, torch.zeros_like(pseudo_label))
+    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    w = keep.float() if pixel_weight is None else keep.float() * pixel_weight.float()
+    if normalize == "all":
+        denom = valid.sum()
+    elif normalize == "kept":
+        denom = keep.sum()
+    else:
+        raise ValueError(f"SEMI.PSEUDO_LABEL.NORMALIZE: unknown '{normalize}'; known: all, kept")
+    return (ce * w).sum() / denom.clamp_min(1).float()
+
+
+@SEMI_LOSS_REGISTRY.register_term
+class PseudoLabelTerm(SemiLossTerm):
+    """``pseudo_label``: the Mean-Teacher / FixMatch consistency term on strong (mixed) views."""
+
+    name = "pseudo_label"
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        weight: float,
+        filter: str,
+        threshold: float,
+        drop_percent: float,
+        conf_power: float,
+        normalize: str,
+        rampup: str,
+        rampup_iters: int,
+        start_iter: int,
+        burn_in_iters: int,
+    ):
+        super().__init__()
+        if filter not in ("none", "threshold", "entropy"):
+            raise ValueError(f"SEMI.PSEUDO_LABEL.FILTER: unknown '{filter}'; known: none, threshold, entropy")
+        rampup_factor(rampup, 0, 0, 1)  # validates the name early
+        self.weight = weight
+        self.filter = filter
+        self.threshold = threshold
+        self.drop_percent = drop_percent
+        self.conf_power = conf_power
+        self.normalize = normalize
+        self.rampup = rampup
+        self.rampup_iters = rampup_iters
+        self.start_iter = start_iter
+        self.burn_in_iters = burn_in_iters
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.SEMI.PSEUDO_LABEL
+        return dict(
+            weight=c.WEIGHT,
+            filter=c.FILTER,
+            threshold=c.THRESHOLD,
+            drop_percent=c.DROP_PERCENT,
+            conf_power=c.CONF_POWER,
+            normalize=c.NORMALIZE,
+            rampup=c.RAMPUP,
+            rampup_iters=c.RAMPUP_ITERS,
+            start_iter=c.START_ITER,
+            burn_in_iters=cfg.SEMI.BURN_IN_ITERS,
+        )
+
+    def keep_mask(self, teacher: dict, valid: torch.Tensor, progress: float) -> torch.Tensor:
+        if self.filter == "threshold":
+            return threshold_keep_mask(teacher["confidence"], valid, self.threshold)
+        if self.filter == "entropy":
+            return entropy_keep_mask(teacher["entropy"], valid, self.drop_percent * (1.0 - progress))
+        return valid
+
+    def forward(self, step):
+        t = step.teacher_strong
+        valid = t["valid"]
+        keep = self.keep_mask(t, valid, step.progress)
+        pixel_weight = t["confidence"] ** self.conf_power if self.conf_power > 0 else None
+        loss = pseudo_label_cross_entropy(
+            step.student_strong["logits"], t["pseudo_label"], keep, valid, pixel_weight, self.normalize
+        )
+        scale = self.weight * rampup_factor(
+            self.rampup, step.iteration, max(self.start_iter, self.burn_in_iters), self.rampup_iters
+        )
+        if step.iteration < self.start_iter:
+            scale = 0.0  # kept in the graph so every rank uses the same parameters
+        step.log("pseudo_label/kept_ratio", keep.sum() / valid.sum().clamp_min(1))
+        return {"loss_pseudo_label": loss * scale}

@@ -1,0 +1,70 @@
+"""SEMI_LOSS_REGISTRY: the loss terms a semi-supervised run is composed of (``SEMI.LOSSES``)."""
+from typing import Dict, List
+
+import torch
+from detectron2.utils.registry import Registry
+from torch import nn
+
+
+
+class LossTermRegistry(Registry):
+    """A Registry keyed by each term's ``name`` (the string used in ``SEMI.LOSSES``), not its class name."""
+
+    def register_term(self, cls):
+        if not getattr(cls, "name", ""):
+            raise ValueError(f"{cls.__name__} must set a class attribute `name` to be registered")
+        self._do_register(cls.name, cls)
+        return cls
+
+
+SEMI_LOSS_REGISTRY = LossTermRegistry("SEMI_LOSS")
+SEMI_LOSS_REGISTRY.__doc__ = """
+Loss terms of the semi-supervised engine, keyed by their ``SEMI.LOSSES`` name. Each is an ``nn.Module``
+built with ``Term(cfg)`` (``@configurable``) whose ``forward(step: SemiStep) -> dict[str, Tensor]``
+returns named, already-weighted scalar losses. Register with ``@SEMI_LOSS_REGISTRY.register_term``.
+See :class:`SemiLossTerm`.
+"""
+
+
+class SemiLossTerm(nn.Module):
+    """Base class of loss terms. Subclasses set ``name`` and implement ``forward``.
+
+    Class attributes a term may set:
+      needs_student_weak: the student also runs on the weak unlabeled views (e.g. DGCL anchors).
+      needs_unlabeled: the term reads unlabeled data (False for ``supervised``): during burn-in only
+        terms with ``needs_unlabeled = False`` run.
+    """
+
+    name: str = ""
+    needs_student_weak: bool = False
+    needs_unlabeled: bool = True
+
+    def forward(self, step) -> Dict[str, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update(self, step) -> None:
+        """Called after the optimizer step with the same record (memory banks, flows). Default: nothing."""
+
+    def params_with_own_optimizer(self) -> List[nn.Parameter]:
+        """Parameters this term optimises itself (e.g. a flow): kept out of the model's optimizer."""
+        return []
+
+
+def known_loss_terms() -> List[str]:
+    return sorted(name for name, _ in SEMI_LOSS_REGISTRY)
+
+
+def build_loss_terms(cfg) -> nn.ModuleDict:
+    """Build ``SEMI.LOSSES`` in order. Unknown or repeated names raise an error listing the known terms."""
+    names = list(cfg.SEMI.LOSSES)
+    if not names:
+        raise ValueError("SEMI.LOSSES is empty: name at least one term, e.g. ['supervised', 'pseudo_label']")
+    terms = nn.ModuleDict()
+    for name in names:
+        if name in terms:
+            raise ValueError(f"SEMI.LOSSES: term '{name}' is listed twice in {names}")
+        if name not in SEMI_LOSS_REGISTRY:
+            raise KeyError(f"SEMI.LOSSES: unknown term '{name}'; known: {', '.join(known_loss_terms())}")
+        terms[name] = SEMI_LOSS_REGISTRY.get(name)(cfg)
+    return terms

@@ -1,0 +1,231 @@
+"""SemiSegmentor: a student Segmentor, its EMA teacher and the configured loss terms.
+
+One training step (docs/architecture.md):
+  1. teacher (eval-mode BN, no autograd) on the weak unlabeled views -> probabilities, pseudo-labels,
+     confidence, entropy, features;
+  2. mixing masks (CutMix / ClassMix) applied to the strong views and to the teacher maps alike;
+  3. the student runs ONCE on cat(labeled, strong[, weak]) and its outputs are split per part;
+  4. each loss term reads the SemiStep record and returns named, weighted losses.
+After the optimizer step the trainer calls :meth:`after_optimizer_step` (stateful terms update their
+memory banks / flows); the EMA hook then updates the teacher.
+"""
+import copy
+from contextlib import nullcontext
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
+
+from ...data.transforms import classmix_masks, cutmix_masks, mix, shifted_partner_index
+from ...losses.pseudo_label import softmax_entropy
+from ...losses.registry import build_loss_terms
+from ...losses.step import SemiStep
+from .segmentor import Segmentor
+
+_MIX_TYPES = ("none", "cutmix", "classmix")
+
+
+def split_outputs(outputs: Dict[str, torch.Tensor], sizes: Sequence[int]) -> List[Dict[str, torch.Tensor]]:
+    """Split every batch-first tensor of a head's output dict into parts of ``sizes``."""
+    parts = [dict() for _ in sizes]
+    for key, value in outputs.items():
+        if value is None:
+            continue
+        for part, chunk in zip(parts, torch.split(value, list(sizes), dim=0)):
+            part[key] = chunk
+    return parts
+
+
+@META_ARCH_REGISTRY.register()
+class SemiSegmentor(nn.Module):
+    """Student + EMA teacher + loss terms. Inference runs ``eval_network`` ("student" or "teacher")."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        student: Segmentor,
+        terms: nn.ModuleDict,
+        max_iter: int,
+        burn_in_iters: int = 0,
+        mix_type: str = "cutmix",
+        mix_prob: float = 0.5,
+        cutmix_area: Tuple[float, float] = (0.02, 0.4),
+        cutmix_ratio: Tuple[float, float] = (0.3, 1 / 0.3),
+        student_weak: bool = False,
+        teacher_autocast: bool = True,
+    ):
+        super().__init__()
+        if mix_type not in _MIX_TYPES:
+            raise ValueError(f"SEMI.MIX.TYPE: unknown '{mix_type}'; known: {', '.join(_MIX_TYPES)}")
+        self.student = student
+        self.teacher = copy.deepcopy(student)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.terms = terms
+        self.max_iter = max_iter
+        self.burn_in_iters = burn_in_iters
+        self.mix_type = mix_type
+        self.mix_prob = mix_prob
+        self.cutmix_area = tuple(cutmix_area)
+        self.cutmix_ratio = tuple(cutmix_ratio)
+        self.student_weak = student_weak or any(t.needs_student_weak for t in terms.values())
+        self.teacher_autocast = teacher_autocast
+        self.eval_network = "student"
+        self.iteration = 0  # set by the trainer before each step
+        self.loss_owner = {}  # loss name -> term name, for error messages
+        self._last_step = None
+
+    @classmethod
+    def from_config(cls, cfg):
+        m = cfg.SEMI.MIX
+        return dict(
+            student=Segmentor(cfg),
+            terms=build_loss_terms(cfg),
+            max_iter=cfg.SOLVER.MAX_ITER,
+            burn_in_iters=cfg.SEMI.BURN_IN_ITERS,
+            mix_type=m.TYPE,
+            mix_prob=m.PROB,
+            cutmix_area=m.CUTMIX_AREA,
+            cutmix_ratio=m.CUTMIX_RATIO,
+            student_weak=cfg.SEMI.STUDENT_WEAK,
+            teacher_autocast=cfg.SEMI.TEACHER_AUTOCAST,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.student.device
+
+    @property
+    def num_classes(self) -> int:
+        return self.student.num_classes
+
+    @property
+    def ignore_value(self) -> int:
+        return self.student.ignore_value
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher's BN statistics only ever come from the EMA
+        return self
+
+    # ------------------------------------------------------------------ inference
+    def forward(self, batched_inputs):
+        if not self.training:
+            network = {"student": self.student, "teacher": self.teacher}.get(self.eval_network)
+            if network is None:
+                raise ValueError(f"eval_network must be 'student' or 'teacher', got {self.eval_network!r}")
+            return network(batched_inputs)
+        labeled, unlabeled = batched_inputs
+        step = self.compute_step(labeled, unlabeled)
+        losses = {}
+        for name, term in self.terms.items():
+            if step.burn_in and term.needs_unlabeled:
+                continue
+            for key, value in term(step).items():
+                if key in losses:
+                    raise KeyError(f"loss term '{name}' returned '{key}', which another term already returned")
+                losses[key] = value
+                self.loss_owner[key] = name
+        self._last_step = step
+        return losses
+
+    # ------------------------------------------------------------------ training step
+    def _stack(self, dicts, key: str, dtype=None) -> torch.Tensor:
+        x = torch.stack([d[key] for d in dicts]).to(self.device, non_blocking=True)
+        return x if dtype is None else x.to(dtype)
+
+    @torch.no_grad()
+    def _teacher_outputs(self, weak: torch.Tensor, valid: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Teacher on the (normalised) weak views -> fp32 maps at crop resolution + head outputs."""
+        ctx = nullcontext() if self.teacher_autocast else torch.autocast(weak.device.type, enabled=False)
+        with torch.inference_mode(), ctx:
+            out = self.teacher.extract(weak)
+        # Leave inference mode: terms use these as targets of autograd ops.
+        out = {k: v.clone().float() for k, v in out.items() if v is not None}
+        logits = F.interpolate(out["logits"], size=weak.shape[-2:], mode="bilinear", align_corners=False)
+        probs = logits.softmax(1)
+        confidence, pseudo_label = probs.max(1)
+        pseudo_label = torch.where(valid, pseudo_label, torch.full_like(pseudo_label, self.ignore_value))
+        out.update(
+            probs=probs,
+            confidence=confidence,
+            pseudo_label=pseudo_label,
+            entropy=softmax_entropy(probs),
+            valid=valid,
+        )
+        return out
+
+    def _mix_masks(self, pseudo_label: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+        b, h, w = pseudo_label.shape
+        if self.mix_type == "cutmix":
+            return cutmix_masks(b, h, w, self.mix_prob, self.cutmix_area, self.cutmix_ratio, pseudo_label.device)
+        if self.mix_type == "classmix":
+            # Pixels of half of the partner's (pseudo-)classes are pasted onto each image.
+            return classmix_masks(pseudo_label, self.mix_prob, self.ignore_value, partner_index=partner)
+        return torch.zeros_like(pseudo_label, dtype=torch.bool)
+
+    def compute_step(self, labeled: List[dict], unlabeled: List[dict]) -> SemiStep:
+        student = self.student
+        images_l = student.normalize(self._stack(labeled, "image"))
+        targets = self._stack(labeled, "sem_seg", torch.long)
+        burn_in = self.iteration < self.burn_in_iters or not any(t.needs_unlabeled for t in self.terms.values())
+        common = dict(
+            iteration=self.iteration,
+            max_iter=self.max_iter,
+            num_classes=self.num_classes,
+            ignore_value=self.ignore_value,
+            labeled_images=images_l,
+            labeled_targets=targets,
+            supervised_losses=student.losses,
+        )
+        if burn_in:
+            return SemiStep(student_labeled=student.extract(images_l), burn_in=True, **common)
+
+        valid = self._stack(unlabeled, "valid", torch.bool)
+        weak = student.normalize(self._stack(unlabeled, "image"))
+        strong = student.normalize(self._stack(unlabeled, "image_strong"))
+        teacher_weak = self._teacher_outputs(weak, valid)
+
+        bu = weak.shape[0]
+        partner = shifted_partner_index(bu, device=weak.device)
+        mask = self._mix_masks(teacher_weak["pseudo_label"], partner)
+        strong = mix(strong, mask, partner)
+        teacher_strong = {
+            k: mix(teacher_weak[k], mask, partner)
+            for k in ("probs", "confidence", "pseudo_label", "entropy", "valid")
+        }
+
+        parts = [images_l, strong] + ([weak] if self.student_weak else [])
+        outputs = student.extract(torch.cat(parts))
+        split = split_outputs(outputs, [p.shape[0] for p in parts])
+        return SemiStep(
+            student_labeled=split[0],
+            student_strong=split[1],
+            student_weak=split[2] if self.student_weak else {},
+            teacher_weak=teacher_weak,
+            teacher_strong=teacher_strong,
+            unlabeled_valid=valid,
+            mix_mask=mask,
+            mix_partner=partner,
+            **common,
+        )
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Let stateful terms (memory banks, flows) update from the last step, then drop the record."""
+        step, self._last_step = self._last_step, None
+        if step is None or step.burn_in:
+            return
+        for term in self.terms.values():
+            term.update(step)
+
+    def pop_metrics(self) -> Dict[str, torch.Tensor]:
+        """Metrics the terms logged in the last forward (detached scalars)."""
+        return dict(self._last_step.metrics) if self._last_step is not None else {}
+
+    def params_with_own_optimizer(self) -> List[nn.Parameter]:
+        return [p for t in self.terms.values() for p in t.params_with_own_optimizer()]
