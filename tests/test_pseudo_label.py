@@ -75,3 +75,15 @@ def test_rampup():
     assert rampup_factor("sigmoid", 200, 0, 100) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown 'cosine'"):
         rampup_factor("cosine", 0, 0, 10)
+
+
+def test_u2pl_normalisation_reproduces_reference_scaling():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 2, 2)
+    target = torch.tensor([[[0, 1], [2, 1]]])
+    keep = torch.tensor([[[True, False], [True, True]]])
+    ce = F.cross_entropy(logits, target, reduction="none")
+    # U2PL: F.cross_entropy(ignore dropped) * (B*h*w / kept)
+    expected = ce[keep].mean() * (4 / 3)
+    got = pseudo_label_cross_entropy(logits, target, keep, keep, normalize="u2pl")
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -128,3 +128,29 @@ def test_nonfinite_loss_names_iteration_and_term():
         loop.run_step()
     for k, v in model.student.named_parameters():  # the student was not stepped with NaN gradients
         assert torch.equal(v, before[k]), k
+
+
+@SEMI_LOSS_REGISTRY.register_term
+class _NeedsTeacherLabeled(SemiLossTerm):
+    name = "test_teacher_labeled"
+    needs_teacher_labeled = True
+
+    def __init__(self, cfg):
+        super().__init__()
+
+    def forward(self, step):
+        return {"loss_probe": step.student_strong["logits"].sum() * 0}
+
+
+def test_teacher_labeled_outputs_equal_a_separate_teacher_pass():
+    model = build_model(semi_cfg(**{"SEMI.LOSSES": ["supervised", "test_teacher_labeled"]}))
+    model.train()
+    labeled, unlabeled = fake_batch(bl=2, bu=3)
+    model((labeled, unlabeled))
+    step = model._last_step
+    imgs = model.student.normalize(torch.stack([x["image"] for x in labeled]))
+    with torch.no_grad():
+        ref = model.teacher.extract(imgs)["logits"]
+    assert torch.allclose(step.teacher_labeled["logits"], ref, atol=1e-5)
+    assert step.teacher_weak["logits"].shape[0] == 3
+    assert step.teacher_labeled["pseudo_label"].shape == (2, 48, 64)

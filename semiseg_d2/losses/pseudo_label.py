@@ -70,7 +70,9 @@ def pseudo_label_cross_entropy(
     long[B,H,W]`` on ``keep`` pixels, optionally weighted per pixel (``pixel_weight [B,H,W]``).
 
     normalize: "all" divides the sum by the number of ``valid`` pixels (UniMatch: filtered pixels
-    count as zero loss), "kept" by the number of kept pixels. Never NaN (0 when nothing is kept).
+    count as zero loss), "kept" by the number of kept pixels, "u2pl" reproduces U2PL/DGCL: the mean
+    over kept pixels times ``B*H*W / kept`` (their loss grows as fewer pixels are kept).
+    Never NaN (0 when nothing is kept).
     """
     if logits.shape[-2:] != pseudo_label.shape[-2:]:
         logits = F.interpolate(logits, size=pseudo_label.shape[-2:], mode="bilinear", align_corners=False)
@@ -81,8 +83,11 @@ def pseudo_label_cross_entropy(
         denom = valid.sum()
     elif normalize == "kept":
         denom = keep.sum()
+    elif normalize == "u2pl":
+        kept = keep.sum().clamp_min(1).float()
+        return (ce * w).sum() / kept * (keep.numel() / kept)
     else:
-        raise ValueError(f"SEMI.PSEUDO_LABEL.NORMALIZE: unknown '{normalize}'; known: all, kept")
+        raise ValueError(f"SEMI.PSEUDO_LABEL.NORMALIZE: unknown '{normalize}'; known: all, kept, u2pl")
     return (ce * w).sum() / denom.clamp_min(1).float()
 
 

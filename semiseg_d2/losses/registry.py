@@ -31,12 +31,15 @@ class SemiLossTerm(nn.Module):
 
     Class attributes a term may set:
       needs_student_weak: the student also runs on the weak unlabeled views (e.g. DGCL anchors).
+      needs_teacher_labeled: the teacher also runs on the labeled images -> ``step.teacher_labeled``
+        (e.g. the memory bank of Alonso et al. is filled from teacher features of labeled pixels).
       needs_unlabeled: the term reads unlabeled data (False for ``supervised``): during burn-in only
         terms with ``needs_unlabeled = False`` run.
     """
 
     name: str = ""
     needs_student_weak: bool = False
+    needs_teacher_labeled: bool = False
     needs_unlabeled: bool = True
 
     def forward(self, step) -> Dict[str, torch.Tensor]:  # pragma: no cover - interface

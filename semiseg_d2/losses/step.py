@@ -18,6 +18,8 @@ class SemiStep:
       head outputs (``features [Bu,D,h,w]``, ...).
       ``teacher_strong``: the same label maps mixed exactly like the strong images (what the student
       sees on its strong views): ``probs``, ``pseudo_label``, ``confidence``, ``entropy``, ``valid``.
+      ``teacher_labeled``: when a term declares ``needs_teacher_labeled``, the same maps (``probs``,
+      ``confidence``, ``pseudo_label`` = teacher argmax, ``entropy``) and head outputs for the labeled images.
     Student head outputs (with gradient), split by part: ``student_labeled``, ``student_strong`` and,
     when a term declares ``needs_student_weak``, ``student_weak``; each a dict as the head returns it.
     ``mix_mask bool[Bu,H,W]`` (True = pixel taken from the partner) and ``mix_partner long[Bu]``
@@ -37,6 +39,7 @@ class SemiStep:
     unlabeled_valid: Optional[torch.Tensor] = None
     teacher_weak: Dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_strong: Dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_labeled: Dict[str, torch.Tensor] = field(default_factory=dict)
     student_strong: Dict[str, torch.Tensor] = field(default_factory=dict)
     student_weak: Dict[str, torch.Tensor] = field(default_factory=dict)
     mix_mask: Optional[torch.Tensor] = None

@@ -73,6 +73,7 @@ class SemiSegmentor(nn.Module):
         self.cutmix_area = tuple(cutmix_area)
         self.cutmix_ratio = tuple(cutmix_ratio)
         self.student_weak = student_weak or any(t.needs_student_weak for t in terms.values())
+        self.teacher_labeled = any(t.needs_teacher_labeled for t in terms.values())
         self.teacher_autocast = teacher_autocast
         self.eval_network = "student"
         self.iteration = 0  # set by the trainer before each step
@@ -139,14 +140,14 @@ class SemiSegmentor(nn.Module):
         return x if dtype is None else x.to(dtype)
 
     @torch.no_grad()
-    def _teacher_outputs(self, weak: torch.Tensor, valid: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Teacher on the (normalised) weak views -> fp32 maps at crop resolution + head outputs."""
-        ctx = nullcontext() if self.teacher_autocast else torch.autocast(weak.device.type, enabled=False)
+    def _teacher_outputs(self, images: torch.Tensor, valid: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Teacher on normalised images -> fp32 maps at crop resolution + head outputs (one pass)."""
+        ctx = nullcontext() if self.teacher_autocast else torch.autocast(images.device.type, enabled=False)
         with torch.inference_mode(), ctx:
-            out = self.teacher.extract(weak)
+            out = self.teacher.extract(images)
         # Leave inference mode: terms use these as targets of autograd ops.
         out = {k: v.clone().float() for k, v in out.items() if v is not None}
-        logits = F.interpolate(out["logits"], size=weak.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(out["logits"], size=images.shape[-2:], mode="bilinear", align_corners=False)
         probs = logits.softmax(1)
         confidence, pseudo_label = probs.max(1)
         pseudo_label = torch.where(valid, pseudo_label, torch.full_like(pseudo_label, self.ignore_value))
@@ -188,7 +189,14 @@ class SemiSegmentor(nn.Module):
         valid = self._stack(unlabeled, "valid", torch.bool)
         weak = student.normalize(self._stack(unlabeled, "image"))
         strong = student.normalize(self._stack(unlabeled, "image_strong"))
-        teacher_weak = self._teacher_outputs(weak, valid)
+        teacher_labeled = {}
+        if self.teacher_labeled:
+            # One teacher pass over both (eval-mode BN: batching does not change the result).
+            valid_l = torch.ones_like(targets, dtype=torch.bool)
+            both = self._teacher_outputs(torch.cat([weak, images_l]), torch.cat([valid, valid_l]))
+            teacher_weak, teacher_labeled = split_outputs(both, [weak.shape[0], images_l.shape[0]])
+        else:
+            teacher_weak = self._teacher_outputs(weak, valid)
 
         bu = weak.shape[0]
         partner = shifted_partner_index(bu, device=weak.device)
@@ -208,6 +216,7 @@ class SemiSegmentor(nn.Module):
             student_weak=split[2] if self.student_weak else {},
             teacher_weak=teacher_weak,
             teacher_strong=teacher_strong,
+            teacher_labeled=teacher_labeled,
             unlabeled_valid=valid,
             mix_mask=mask,
             mix_partner=partner,
