@@ -139,7 +139,8 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.PSEUDO_LABEL.THRESHOLD = 0.95
     cfg.SEMI.PSEUDO_LABEL.DROP_PERCENT = 20.0
     cfg.SEMI.PSEUDO_LABEL.CONF_POWER = 0.0  # s > 0: weight each pixel by p^s (Alonso et al., s = 6)
-    # Loss normalisation: "all" divides by every valid unlabeled pixel (UniMatch/U2PL), "kept" by kept ones.
+    # Loss normalisation: "all" divides by every valid unlabeled pixel (UniMatch), "kept" by kept ones,
+    # "u2pl" = mean over kept x (B*H*W / kept), what U2PL/DGCL's code computes (docs/methods/dgcl.md).
     cfg.SEMI.PSEUDO_LABEL.NORMALIZE = "all"
     cfg.SEMI.PSEUDO_LABEL.RAMPUP = "none"  # "none", "sigmoid" (exp(-5(1-t)^2)) or "linear"
     cfg.SEMI.PSEUDO_LABEL.RAMPUP_ITERS = 0  # ramp length after burn-in
