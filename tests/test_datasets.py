@@ -227,5 +227,35 @@ class TestBundledCamVid(unittest.TestCase):
         self.assertEqual(len(read_list(os.path.join(city, "labeled.txt"))) + len(read_list(os.path.join(city, "unlabeled.txt"))), 2975)
 
 
+class TestDatasetConfigs(unittest.TestCase):
+    def test_dataset_configs_use_declared_keys_and_registered_sets(self):
+        from semiseg_d2.config import get_semiseg_cfg
+
+        files = [os.path.join(REPO, "configs", d, f) for d in ("camvid", "cityscapes", "voc", "gta5_city")
+                 for f in sorted(os.listdir(os.path.join(REPO, "configs", d))) if f.endswith(".yaml")]
+        self.assertGreaterEqual(len(files), 8)
+        for path in files:
+            cfg = get_semiseg_cfg()
+            cfg.merge_from_file(path)  # raises on any undeclared key
+            for name in tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST):
+                self.assertIn(name, DatasetCatalog.list(), path)
+                self.assertEqual(len(MetadataCatalog.get(name).stuff_classes), cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, path)
+
+
+class TestPrepareCamVid(_TreeCase):
+    def test_copy_is_idempotent_and_registrable(self):
+        tree = st.make_camvid_tree(os.path.join(self.root, "src"), with_test=True)
+        dst = os.path.join(self.root, "d2", "camvid")
+        tool = _load_tool("prepare_camvid")
+        self.assertEqual(tool.prepare_camvid(tree["camvid_root"], dst), {"train": 3, "val": 1, "test": 2})
+        self.assertEqual(tool.prepare_camvid(tree["camvid_root"], dst), {"train": 3, "val": 1, "test": 2})
+        self.register(register_all_camvid, os.path.join(self.root, "d2"), prefix="p_")
+        self.assertEqual(len(DatasetCatalog.get("p_camvid_test")), 2)
+        os.remove(os.path.join(tree["camvid_root"], "valannot", "0016E5_07959.png"))
+        os.remove(os.path.join(dst, "valannot", "0016E5_07959.png"))
+        with self.assertRaisesRegex(FileNotFoundError, "without a label"):
+            tool.prepare_camvid(tree["camvid_root"], dst)
+
+
 if __name__ == "__main__":
     unittest.main()

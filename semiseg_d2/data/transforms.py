@@ -6,7 +6,6 @@ Mask convention: ``mask[b, y, x] = True`` means output pixel (y, x) of image b c
 images and mixed targets always agree.
 """
 import math
-import random
 from typing import Optional, Sequence
 
 import torch
