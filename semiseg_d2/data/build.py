@@ -10,6 +10,9 @@
   remainder (e.g. GTA5 + Cityscapes with [1, 1] and a batch of 4: 2 + 2), each source drawn from its own
   infinite shuffled stream. Without ratios the sources are concatenated into one pool.
 - per-rank batch sizes ``SOLVER.IMS_PER_BATCH // world`` and ``SOLVER.IMS_PER_BATCH_UNLABELED // world``.
+
+Training streams are :class:`~semiseg_d2.data.stream.SeededBatchStream`: batch ``b`` is a pure function of
+``(SEED, b, rank)``, so ``loader.set_start(iteration)`` resumes exactly, whatever ``DATALOADER.NUM_WORKERS``.
 """
 import logging
 from typing import Dict, Iterator, List, Sequence, Tuple
@@ -17,11 +20,11 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.build import build_detection_test_loader, build_detection_train_loader
-from detectron2.data.samplers import TrainingSampler
+from detectron2.data.build import build_detection_test_loader
 from detectron2.utils import comm
 
 from .mapper import SemSegDatasetMapper, UnlabeledDatasetMapper
+from .stream import SeededBatchStream, StreamLoader
 
 __all__ = [
     "build_sem_seg_train_loader",
@@ -87,36 +90,32 @@ def split_batch(batch: int, ratios: Sequence[float]) -> List[int]:
     return counts.tolist()
 
 
-def _infinite_loader(dicts: List[Dict], mapper, per_rank_batch: int, num_workers: int):
-    return build_detection_train_loader(
-        dicts,
-        mapper=mapper,
-        sampler=TrainingSampler(len(dicts)),
-        total_batch_size=per_rank_batch * comm.get_world_size(),
-        aspect_ratio_grouping=False,
-        num_workers=num_workers,
+def _stream(cfg, dicts: List[Dict], mapper, per_rank_batch: int, stream_id: int) -> SeededBatchStream:
+    """One rank's seeded infinite stream; ``stream_id`` keeps the streams of one run independent."""
+    seed = cfg.SEED if cfg.SEED >= 0 else 0
+    return SeededBatchStream(
+        [dicts],
+        mapper,
+        per_rank_batch,
+        seed=seed * 1000 + stream_id,
+        rank=comm.get_rank(),
+        world_size=comm.get_world_size(),
     )
 
 
-def build_sem_seg_train_loader(cfg):
+def build_sem_seg_train_loader(cfg) -> StreamLoader:
     """Supervised loader: ``DATASETS.TRAIN`` through ``SemSegDatasetMapper(cfg, True)``; yields lists of dicts."""
     dicts = load_dataset_dicts(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     batch = _per_rank_batch(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH")
-    return _infinite_loader(dicts, SemSegDatasetMapper(cfg, True), batch, cfg.DATALOADER.NUM_WORKERS)
+    return StreamLoader([_stream(cfg, dicts, SemSegDatasetMapper(cfg, True), batch, 0)], cfg.DATALOADER.NUM_WORKERS)
 
 
-class SemiTrainLoader:
-    """Iterable of ``(labeled, unlabeled)`` batches over infinite labeled source loader(s) and one unlabeled one."""
-
-    def __init__(self, labeled_loaders: List, unlabeled_loader):
-        self.labeled_loaders = labeled_loaders
-        self.unlabeled_loader = unlabeled_loader
+class SemiTrainLoader(StreamLoader):
+    """Iterable of ``(labeled, unlabeled)`` batches: labeled source stream(s), then the unlabeled stream."""
 
     def __iter__(self) -> Iterator[Tuple[List[Dict], List[Dict]]]:
-        labeled_iters = [iter(loader) for loader in self.labeled_loaders]
-        for unlabeled in self.unlabeled_loader:
-            labeled = [d for it in labeled_iters for d in next(it)]
-            yield labeled, unlabeled
+        for batches in super().__iter__():
+            yield [d for b in batches[:-1] for d in b], batches[-1]
 
 
 def build_semi_train_loader(cfg) -> SemiTrainLoader:
@@ -136,7 +135,7 @@ def build_semi_train_loader(cfg) -> SemiTrainLoader:
     workers = cfg.DATALOADER.NUM_WORKERS
 
     unlabeled = load_dataset_dicts(unlabeled_names, "DATASETS.TRAIN_UNLABELED", unlabeled=True)
-    unlabeled_loader = _infinite_loader(unlabeled, UnlabeledDatasetMapper(cfg), unl_batch, workers)
+    unlabeled_stream = _stream(cfg, unlabeled, UnlabeledDatasetMapper(cfg), unl_batch, 1)
 
     mapper = SemSegDatasetMapper(cfg, True)
     ratios = list(cfg.DATASETS.TRAIN_LABELED_RATIOS)
@@ -147,18 +146,18 @@ def build_semi_train_loader(cfg) -> SemiTrainLoader:
                 f"DATASETS.TRAIN_LABELED sets {labeled_names}"
             )
         counts = split_batch(lab_batch, ratios)
-        loaders = []
-        for name, n in zip(labeled_names, counts):
+        streams = []
+        for i, (name, n) in enumerate(zip(labeled_names, counts)):
             if n == 0:
                 raise ValueError(
                     f"DATASETS.TRAIN_LABELED_RATIOS {ratios}: '{name}' gets 0 of the {lab_batch} labeled images per "
                     "batch; raise SOLVER.IMS_PER_BATCH or its ratio"
                 )
-            loaders.append(_infinite_loader(load_dataset_dicts([name], labeled_key), mapper, n, workers))
+            streams.append(_stream(cfg, load_dataset_dicts([name], labeled_key), mapper, n, 2 + i))
         logger.info("labeled batch composition: %s", dict(zip(labeled_names, counts)))
     else:
-        loaders = [_infinite_loader(load_dataset_dicts(labeled_names, labeled_key), mapper, lab_batch, workers)]
-    return SemiTrainLoader(loaders, unlabeled_loader)
+        streams = [_stream(cfg, load_dataset_dicts(labeled_names, labeled_key), mapper, lab_batch, 2)]
+    return SemiTrainLoader(streams + [unlabeled_stream], workers)
 
 
 def build_sem_seg_test_loader(cfg, dataset_name: str):

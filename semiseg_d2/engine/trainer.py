@@ -20,6 +20,7 @@ import torch
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 
 from ..config import check_semiseg_config
@@ -95,7 +96,7 @@ class SemiSegTrainLoop(SimpleTrainer):
         if metrics:
             values = {k: v.item() for k, v in metrics.items()}
             if comm.is_main_process():
-                self.storage.put_scalars(**values)
+                get_event_storage().put_scalars(**values)
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
