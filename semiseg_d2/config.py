@@ -145,6 +145,27 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.PSEUDO_LABEL.RAMPUP = "none"  # "none", "sigmoid" (exp(-5(1-t)^2)) or "linear"
     cfg.SEMI.PSEUDO_LABEL.RAMPUP_ITERS = 0  # ramp length after burn-in
     cfg.SEMI.PSEUDO_LABEL.START_ITER = 0  # term is zero before this iteration (Alonso: 2000)
+
+    # dgcl term (losses/dgcl.py, docs/methods/dgcl.md): density-guided contrastive loss + class-wise memory bank
+    cfg.SEMI.DGCL = CN()
+    cfg.SEMI.DGCL.WEIGHT = 0.5  # lambda_c of L = L_sup + lambda_u L_u + lambda_c L_dgcl (paper/reference: 0.5)
+    cfg.SEMI.DGCL.TEMPERATURE = 0.5  # InfoNCE temperature
+    cfg.SEMI.DGCL.PROJ_DIM = 256  # projection MLP width (Linear-BN-ReLU-Linear on the head's "features")
+    cfg.SEMI.DGCL.NUM_ANCHORS = 200  # lowest-density pixels per class used as anchors
+    cfg.SEMI.DGCL.NUM_POSITIVES = 50  # highest-density keys per class, taken from the batch AND from the bank
+    cfg.SEMI.DGCL.NUM_NEGATIVES = 512  # random pixels of other classes per class
+    cfg.SEMI.DGCL.MAX_PIXELS_PER_CLASS = 10000  # random subset of a class's batch pixels whose density is computed
+    cfg.SEMI.DGCL.MEMORY_SIZE = 10000  # bank entries per class (FIFO)
+    cfg.SEMI.DGCL.UPDATE_PER_CLASS = 1000  # at most this many new bank entries per class per step (all ranks together)
+    cfg.SEMI.DGCL.MIN_FILL = 10000  # a class contributes once its bank holds this many entries (ref: all classes full)
+    cfg.SEMI.DGCL.DENSITY_KS = [8, 16, 32]  # kNN sizes of the multi-scale density
+    # contrastive labels / bank entries drop the max(DROP_PERCENT * (1 - progress), MIN_DROP_PERCENT) % highest-
+    # entropy pseudo-labelled pixels; progress counts from the end of SEMI.BURN_IN_ITERS
+    cfg.SEMI.DGCL.DROP_PERCENT = 80.0
+    cfg.SEMI.DGCL.MIN_DROP_PERCENT = 10.0
+    cfg.SEMI.DGCL.SKIP_CLASSES = []  # classes that never get anchors (ref: [0] on every dataset; VOC background)
+    cfg.SEMI.DGCL.BANK_SOURCE = "student"  # bank features from the "student" (ref) or the "teacher" (weak views)
+    cfg.SEMI.DGCL.DENSITY_MAX_ELEMENTS = 134217728  # similarities materialised at once in the kNN density (memory)
     return cfg
 
 
