@@ -166,6 +166,35 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.DGCL.SKIP_CLASSES = []  # classes that never get anchors (ref: [0] on every dataset; VOC background)
     cfg.SEMI.DGCL.BANK_SOURCE = "student"  # bank features from the "student" (ref) or the "teacher" (weak views)
     cfg.SEMI.DGCL.DENSITY_MAX_ELEMENTS = 134217728  # similarities materialised at once in the kNN density (memory)
+
+    # memory_contrast term (losses/memory_contrast.py, docs/methods/memory_contrast.md): Alonso et al. ICCV 2021
+    cfg.SEMI.MEMORY_CONTRAST = CN()
+    cfg.SEMI.MEMORY_CONTRAST.WEIGHT = 0.1  # lambda_contr, applied to the labeled and to the unlabeled part each
+    cfg.SEMI.MEMORY_CONTRAST.START_ITER = 2000  # loss is zero before this iteration (paper: 2K)
+    cfg.SEMI.MEMORY_CONTRAST.BANK_START_ITER = 0  # bank filled from this iteration on (paper: every iteration; code: 1000)
+    cfg.SEMI.MEMORY_CONTRAST.FEATURE_DIM = 0  # D of the head's "features" (v2: 2048, v3+: 256); 0 = implied by the head
+    cfg.SEMI.MEMORY_CONTRAST.PROJECTION_DIM = 256  # output of the projection g and prediction q heads (= bank width)
+    cfg.SEMI.MEMORY_CONTRAST.HIDDEN_DIM = 256  # hidden width of g and q (Linear-BN-ReLU-Linear)
+    cfg.SEMI.MEMORY_CONTRAST.SELECTOR_HIDDEN_DIM = 256  # hidden width of the class attention selectors S_c
+    cfg.SEMI.MEMORY_CONTRAST.BANK_SIZE = 256  # psi: entries per class (FIFO)
+    cfg.SEMI.MEMORY_CONTRAST.CONFIDENCE_THRESHOLD = 0.95  # phi of the feature quality filter (teacher right and > phi)
+    cfg.SEMI.MEMORY_CONTRAST.PER_CLASS_PER_IMAGE = 0  # K entries per image and class; 0 = max(1, round(BANK_SIZE / |X_l|))
+    cfg.SEMI.MEMORY_CONTRAST.NUM_LABELED = 0  # |X_l| for K; 0 = count the images of BANK_DATASETS (or TRAIN_LABELED)
+    # DATASETS.TRAIN_LABELED entries whose images fill the bank (SSDA: the Cityscapes subset, not GTA5); empty = all
+    cfg.SEMI.MEMORY_CONTRAST.BANK_DATASETS = []
+
+    # entropy term (losses/memory_contrast.py): direct entropy minimisation on the strong unlabeled views (Alonso Eq. 7)
+    cfg.SEMI.ENTROPY = CN()
+    cfg.SEMI.ENTROPY.WEIGHT = 0.01  # lambda_ent
+    cfg.SEMI.ENTROPY.START_ITER = 0  # zero before this iteration (paper: from the start)
+    cfg.SEMI.ENTROPY.NORMALIZE = False  # divide by log(C) (the reference code divides by log2(C)); paper: no
+
+    # class_balance term (losses/class_balance.py): CE class weights alpha_c = sqrt(f_median / f_c) for the terms
+    # listed after it (supervised, pseudo_label) from labels + pseudo-labels (Alonso: Cityscapes/GTA5 on, VOC off)
+    cfg.SEMI.CLASS_BALANCE = CN()
+    cfg.SEMI.CLASS_BALANCE.MOMENTUM = 0.999  # EMA of the per-step class pixel counts
+    cfg.SEMI.CLASS_BALANCE.FROM_PSEUDO_LABELS = True  # also count the teacher's pseudo-labels (paper: yes)
+    cfg.SEMI.CLASS_BALANCE.START_ITER = 0  # weights are 1 before this iteration (counting starts at once)
     return cfg
 
 
