@@ -146,6 +146,30 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.PSEUDO_LABEL.RAMPUP_ITERS = 0  # ramp length after burn-in
     cfg.SEMI.PSEUDO_LABEL.START_ITER = 0  # term is zero before this iteration (Alonso: 2000)
 
+    # ddfp term (Wang et al., CVPR 2024): CE of the student's decoder on density-descending perturbed
+    # decoder inputs of the strong (mixed) views; a normalizing flow (layers/flow.py) trained online on teacher features
+    cfg.SEMI.DDFP = CN()
+    cfg.SEMI.DDFP.WEIGHT = 0.5  # lambda_p of the perturbed-feature CE
+    cfg.SEMI.DDFP.THRESHOLD = 0.95  # teacher confidence to keep a pixel (loss and perturbation mask)
+    cfg.SEMI.DDFP.NORMALIZE = "kept"  # CE normalisation as SEMI.PSEUDO_LABEL.NORMALIZE (reference: "kept")
+    cfg.SEMI.DDFP.EPS = 4.0  # L2 norm of the perturbation of each pixel's decoder input
+    cfg.SEMI.DDFP.PERTURBED_BN = True  # separate BN set for the perturbed decoder pass (reference MixSyncBN)
+    cfg.SEMI.DDFP.START_ITER = 0  # no perturbation loss before this iteration (reference: burn-in + 1 epoch)
+    cfg.SEMI.DDFP.FLOW_START_ITER = 0  # the flow trains from this iteration on (reference: end of burn-in)
+    cfg.SEMI.DDFP.FLOW_BLOCKS = 2  # GLOW coupling blocks
+    cfg.SEMI.DDFP.FLOW_HIDDEN = [256, 256]  # hidden widths of every coupling subnet
+    cfg.SEMI.DDFP.FLOW_CLAMP = 2.0  # soft clamp of the coupling log-scales
+    cfg.SEMI.DDFP.FLOW_SEED = 0  # seeds the flow's permutations and initialisation (identical on every rank)
+    cfg.SEMI.DDFP.FLOW_LR = 1e-3  # Adam learning rate of the flow (own optimizer, not SOLVER.*)
+    cfg.SEMI.DDFP.FLOW_BETAS = [0.5, 0.9]  # Adam betas of the flow
+    cfg.SEMI.DDFP.FLOW_LR_END_FACTOR = 0.01  # flow lr decays geometrically to FLOW_LR * this at MAX_ITER
+    cfg.SEMI.DDFP.FLOW_GRAD_CLIP = 50.0  # max global grad norm of a flow step (0 = off)
+    cfg.SEMI.DDFP.FLOW_SAMPLES = 20480  # teacher pixel features per flow step (per rank)
+    cfg.SEMI.DDFP.FLOW_NOISE = 0.05  # std of the Gaussian noise added to those features
+    # unlabeled pixels in the flow's NLL: "mixture" (every valid pixel, marginal density; reference code) or
+    # "pseudo_label" (confident pixels, class-conditional on the teacher's pseudo-label, THRESHOLD)
+    cfg.SEMI.DDFP.FLOW_UNLABELED_TARGET = "mixture"
+
     # dgcl term (losses/dgcl.py, docs/methods/dgcl.md): density-guided contrastive loss + class-wise memory bank
     cfg.SEMI.DGCL = CN()
     cfg.SEMI.DGCL.WEIGHT = 0.5  # lambda_c of L = L_sup + lambda_u L_u + lambda_c L_dgcl (paper/reference: 0.5)

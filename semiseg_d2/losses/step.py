@@ -25,6 +25,8 @@ class SemiStep:
     ``mix_mask bool[Bu,H,W]`` (True = pixel taken from the partner) and ``mix_partner long[Bu]``
     describe the mixing, so terms can mix any other map with :meth:`mix`.
     ``supervised_losses(outputs, targets)`` is the student's supervised criterion (CE/OHEM + aux).
+    ``student_decode(decoder_input, norms=None) -> (features, logits)`` re-runs the student's v3+ decoder
+    (None for heads without ``decode``), e.g. on DDFP's perturbed decoder inputs.
     """
 
     iteration: int
@@ -35,6 +37,7 @@ class SemiStep:
     labeled_targets: torch.Tensor
     student_labeled: Dict[str, torch.Tensor]
     supervised_losses: Callable = None  # the student's Segmentor.losses(outputs, targets) -> dict
+    student_decode: Callable = None  # the student head's decode(decoder_input, norms=None) (v3+ only; DDFP)
     burn_in: bool = False
     unlabeled_valid: Optional[torch.Tensor] = None
     teacher_weak: Dict[str, torch.Tensor] = field(default_factory=dict)

@@ -182,6 +182,7 @@ class SemiSegmentor(nn.Module):
             labeled_images=images_l,
             labeled_targets=targets,
             supervised_losses=student.losses,
+            student_decode=getattr(student.sem_seg_head, "decode", None),
         )
         if burn_in:
             return SemiStep(student_labeled=student.extract(images_l), burn_in=True, **common)
