@@ -140,6 +140,9 @@ class StreamLoader:
                 worker_init_fn=None,
                 persistent_workers=False,
                 pin_memory=False,
+                # A private generator: creating the iterator must not draw from the global torch RNG,
+                # or a resumed run (which creates it later) would shift every random number after it.
+                generator=torch.Generator().manual_seed(s.seed),
             )
             for s in self.streams
         ]
