@@ -89,7 +89,8 @@ class TestLabeledMapper(_CamVidTree):
 
     def test_test_mapper_original_size(self):
         out = SemSegDatasetMapper(tiny_cfg(), False)(self.record)
-        self.assertEqual(set(out), {"image", "file_name", "height", "width"})
+        expected = {"image", "file_name", "height", "width"} | ({"dataset_name"} & set(self.record))
+        self.assertEqual(set(out), expected)
         self.assertEqual(tuple(out["image"].shape), (3, st.H, st.W))
 
 

@@ -17,7 +17,7 @@ from semiseg_d2.losses.memory_contrast import (
     ClassAttentionSelectors, EntropyTerm, MemoryContrastTerm, memory_contrast_loss,
 )
 from semiseg_d2.losses.step import SemiStep
-from tests.test_semi_model import fake_batch, semi_cfg
+from tests.tiny import fake_batch, semi_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

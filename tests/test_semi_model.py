@@ -4,38 +4,7 @@ import torch
 from detectron2.modeling import build_model
 
 from semiseg_d2.losses.registry import SEMI_LOSS_REGISTRY, SemiLossTerm
-from tests.tiny import tiny_cfg
-
-
-def semi_cfg(**overrides):
-    cfg = tiny_cfg(crop=(48, 64))
-    cfg.MODEL.META_ARCHITECTURE = "SemiSegmentor"
-    cfg.SEMI.LOSSES = ["supervised", "pseudo_label"]
-    cfg.SEMI.PSEUDO_LABEL.THRESHOLD = 0.0  # keep everything: the random teacher is unconfident
-    cfg.SOLVER.MAX_ITER = 10
-    for k, v in overrides.items():
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return cfg
-
-
-def fake_batch(bl=2, bu=2, h=48, w=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labeled = [
-        {"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
-         "sem_seg": torch.randint(0, 11, (h, w), generator=g)}
-        for _ in range(bl)
-    ]
-    unlabeled = []
-    for _ in range(bu):
-        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
-        valid = torch.ones(h, w, dtype=torch.bool)
-        valid[:, -5:] = False
-        unlabeled.append({"image": img, "image_strong": 255 - img, "valid": valid})
-    return labeled, unlabeled
+from tests.tiny import fake_batch, semi_cfg, tiny_cfg  # noqa: F401  (re-exported for other tests)
 
 
 def test_student_runs_once_on_all_views_and_teacher_gets_no_gradient():
@@ -104,7 +73,14 @@ def test_burn_in_runs_supervised_only_without_teacher():
     assert set(losses) == {"loss_sem_seg"}
 
 
-@SEMI_LOSS_REGISTRY.register_term
+def _register_once(cls):
+    # pytest may import this file under two module names; register each test term once.
+    if cls.name not in SEMI_LOSS_REGISTRY:
+        SEMI_LOSS_REGISTRY.register_term(cls)
+    return cls
+
+
+@_register_once
 class _ExplodingTerm(SemiLossTerm):
     name = "test_exploding"
 
@@ -130,7 +106,7 @@ def test_nonfinite_loss_names_iteration_and_term():
         assert torch.equal(v, before[k]), k
 
 
-@SEMI_LOSS_REGISTRY.register_term
+@_register_once
 class _NeedsTeacherLabeled(SemiLossTerm):
     name = "test_teacher_labeled"
     needs_teacher_labeled = True
@@ -154,3 +130,23 @@ def test_teacher_labeled_outputs_equal_a_separate_teacher_pass():
     assert torch.allclose(step.teacher_labeled["logits"], ref, atol=1e-5)
     assert step.teacher_weak["logits"].shape[0] == 3
     assert step.teacher_labeled["pseudo_label"].shape == (2, 48, 64)
+
+
+def test_class_weights_scale_supervised_and_pseudo_label_ce_per_pixel():
+    from semiseg_d2.losses.segmentation import sem_seg_cross_entropy
+
+    torch.manual_seed(0)
+    model = build_model(semi_cfg())
+    model.train()
+    model(fake_batch())
+    step = model._last_step
+    plain = model.terms["supervised"](step)["loss_sem_seg"]
+    step.class_weights = torch.linspace(0.5, 2.0, 11)
+    weighted = model.terms["supervised"](step)["loss_sem_seg"]
+    t = step.labeled_targets
+    expected = sem_seg_cross_entropy(step.student_labeled["logits"], t, 255, weight=step.class_weights[t])
+    assert torch.allclose(weighted, expected) and not torch.allclose(weighted, plain)
+    step.class_weights = torch.ones(11)
+    assert torch.allclose(model.terms["supervised"](step)["loss_sem_seg"], plain)
+    step.class_weights = torch.zeros(11)
+    assert model.terms["pseudo_label"](step)["loss_pseudo_label"].item() == 0.0

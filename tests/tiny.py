@@ -1,6 +1,8 @@
 """Tiny-but-real configs for CPU tests: the real ResNet/DeepLab code with narrow widths."""
 import os
 
+import torch
+
 from semiseg_d2.config import get_semiseg_cfg
 
 BUNDLED_CAMVID = os.path.join(os.path.dirname(__file__), "..", "semiseg_d2", "data", "bundled", "camvid_mini")
@@ -27,3 +29,34 @@ def tiny_cfg(head: str = "DeepLabV3PlusFeatHead", num_classes: int = 11, output_
     cfg.SOLVER.IMS_PER_BATCH_UNLABELED = 2
     cfg.DATALOADER.NUM_WORKERS = 0
     return cfg
+
+
+def semi_cfg(**overrides):
+    cfg = tiny_cfg(crop=(48, 64))
+    cfg.MODEL.META_ARCHITECTURE = "SemiSegmentor"
+    cfg.SEMI.LOSSES = ["supervised", "pseudo_label"]
+    cfg.SEMI.PSEUDO_LABEL.THRESHOLD = 0.0  # keep everything: the random teacher is unconfident
+    cfg.SOLVER.MAX_ITER = 10
+    for k, v in overrides.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return cfg
+
+
+def fake_batch(bl=2, bu=2, h=48, w=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labeled = [
+        {"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
+         "sem_seg": torch.randint(0, 11, (h, w), generator=g)}
+        for _ in range(bl)
+    ]
+    unlabeled = []
+    for _ in range(bu):
+        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        valid = torch.ones(h, w, dtype=torch.bool)
+        valid[:, -5:] = False
+        unlabeled.append({"image": img, "image_strong": 255 - img, "valid": valid})
+    return labeled, unlabeled

@@ -138,6 +138,8 @@ class SemSegDatasetMapper:
         record = copy.copy(record)
         image = d2_utils.read_image(record["file_name"], format="RGB")
         out = {"file_name": record["file_name"], "height": image.shape[0], "width": image.shape[1]}
+        if "dataset_name" in record:
+            out["dataset_name"] = record["dataset_name"]
         if not self.is_train:
             out["image"] = _image_tensor(image)
             return out

@@ -155,6 +155,9 @@ class PseudoLabelTerm(SemiLossTerm):
         valid = t["valid"]
         keep = self.keep_mask(t, valid, step.progress)
         pixel_weight = t["confidence"] ** self.conf_power if self.conf_power > 0 else None
+        class_weight = step.pixel_class_weights(t["pseudo_label"])
+        if class_weight is not None:
+            pixel_weight = class_weight if pixel_weight is None else pixel_weight * class_weight
         loss = pseudo_label_cross_entropy(
             step.student_strong["logits"], t["pseudo_label"], keep, valid, pixel_weight, self.normalize
         )

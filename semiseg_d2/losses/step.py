@@ -1,6 +1,6 @@
 """SemiStep: everything one semi-supervised training step computed, handed to every loss term."""
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,9 @@ class SemiStep:
     when a term declares ``needs_student_weak``, ``student_weak``; each a dict as the head returns it.
     ``mix_mask bool[Bu,H,W]`` (True = pixel taken from the partner) and ``mix_partner long[Bu]``
     describe the mixing, so terms can mix any other map with :meth:`mix`.
-    ``supervised_losses(outputs, targets)`` is the student's supervised criterion (CE/OHEM + aux).
+    ``supervised_losses(outputs, targets, pixel_weight)`` is the student's supervised criterion (CE/OHEM + aux).
+    ``class_weights [C]``, when a term (``class_balance``) sets it, weights the supervised and pseudo-label
+    cross-entropy per pixel by the class of its (pseudo-)label (Alonso et al., Eq. 3).
     ``student_decode(decoder_input, norms=None) -> (features, logits)`` re-runs the student's v3+ decoder
     (None for heads without ``decode``), e.g. on DDFP's perturbed decoder inputs.
     """
@@ -45,6 +47,8 @@ class SemiStep:
     teacher_labeled: Dict[str, torch.Tensor] = field(default_factory=dict)
     student_strong: Dict[str, torch.Tensor] = field(default_factory=dict)
     student_weak: Dict[str, torch.Tensor] = field(default_factory=dict)
+    labeled_datasets: Optional[List[str]] = None  # dataset_name of each labeled image (several sources)
+    class_weights: Optional[torch.Tensor] = None  # [C] per-class CE weights, set by the class_balance term
     mix_mask: Optional[torch.Tensor] = None
     mix_partner: Optional[torch.Tensor] = None
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
@@ -62,6 +66,13 @@ class SemiStep:
         if mask.shape[-2:] != x.shape[-2:]:
             mask = F.interpolate(mask[:, None].float(), size=x.shape[-2:], mode="nearest")[:, 0].bool()
         return mix(x, mask, self.mix_partner)
+
+    def pixel_class_weights(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """``class_weights[labels]`` for ``labels long[B,H,W]`` (ignored pixels get 0); None when unset."""
+        if self.class_weights is None:
+            return None
+        valid = labels != self.ignore_value
+        return torch.where(valid, self.class_weights[labels.clamp(0, self.num_classes - 1)], 0.0)
 
     def log(self, name: str, value: torch.Tensor) -> None:
         """Record a detached scalar metric (not a loss); the trainer writes it to the event storage."""

@@ -25,5 +25,6 @@ class SupervisedTerm(SemiLossTerm):
         return {"weight": cfg.SEMI.SUPERVISED.WEIGHT}
 
     def forward(self, step):
-        losses = step.supervised_losses(step.student_labeled, step.labeled_targets)
+        weight = step.pixel_class_weights(step.labeled_targets)
+        losses = step.supervised_losses(step.student_labeled, step.labeled_targets, pixel_weight=weight)
         return {k: v * self.weight for k, v in losses.items()}

@@ -148,21 +148,26 @@ class Segmentor(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.sem_seg_head(self.backbone(images))
 
-    def pixel_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Unweighted ``MODEL.SEM_SEG_HEAD.LOSS_TYPE`` loss; ``logits [B,C,h,w]``, ``targets long [B,H,W]``."""
+    def pixel_loss(self, logits: torch.Tensor, targets: torch.Tensor, pixel_weight=None) -> torch.Tensor:
+        """Unweighted ``MODEL.SEM_SEG_HEAD.LOSS_TYPE`` loss; ``logits [B,C,h,w]``, ``targets long [B,H,W]``;
+        ``pixel_weight [B,H,W]`` (e.g. class balancing) multiplies each pixel's CE (mean over valid pixels)."""
+        if pixel_weight is not None:
+            if self.loss_type == "ohem":
+                raise ValueError("per-pixel class weights and MODEL.SEM_SEG_HEAD.LOSS_TYPE 'ohem' cannot be combined")
+            return sem_seg_cross_entropy(logits, targets, self.ignore_value, weight=pixel_weight)
         if self.loss_type == "ohem":
             return ohem_cross_entropy(
                 logits, targets, self.ignore_value, thresh=self.ohem_thresh, min_kept=self.ohem_min_kept
             )
         return sem_seg_cross_entropy(logits, targets, self.ignore_value)
 
-    def losses(self, outputs: Dict[str, torch.Tensor], targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def losses(self, outputs: Dict[str, torch.Tensor], targets: torch.Tensor, pixel_weight=None) -> Dict[str, torch.Tensor]:
         """Weighted supervised losses of a head output dict against ``targets long [B, H, W]``."""
-        losses = {"loss_sem_seg": self.loss_weight * self.pixel_loss(outputs["logits"], targets)}
+        losses = {"loss_sem_seg": self.loss_weight * self.pixel_loss(outputs["logits"], targets, pixel_weight)}
         if self.aux_loss_weight > 0:
             if "aux_logits" not in outputs:
                 raise KeyError("MODEL.SEM_SEG_HEAD.AUX_LOSS_WEIGHT > 0 but the head returned no 'aux_logits'")
-            losses["loss_aux"] = self.aux_loss_weight * self.pixel_loss(outputs["aux_logits"], targets)
+            losses["loss_aux"] = self.aux_loss_weight * self.pixel_loss(outputs["aux_logits"], targets, pixel_weight)
         return losses
 
     # ------------------------------------------------------------------ forward

@@ -182,6 +182,7 @@ class SemiSegmentor(nn.Module):
             labeled_images=images_l,
             labeled_targets=targets,
             supervised_losses=student.losses,
+            labeled_datasets=[x.get("dataset_name") for x in labeled],
             student_decode=getattr(student.sem_seg_head, "decode", None),
         )
         if burn_in:
