@@ -129,7 +129,10 @@ class SegTrainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=self._find_unused(cfg))
+        ddp_kwargs = dict(broadcast_buffers=False, find_unused_parameters=self._find_unused(cfg))
+        if not next(model.parameters()).is_cuda:
+            ddp_kwargs["device_ids"] = None  # CPU (gloo) processes
+        model = create_ddp_model(model, **ddp_kwargs)
         self._trainer = SemiSegTrainLoop(
             model, data_loader, optimizer, amp_dtype=autocast_dtype(cfg), check_finite=self._check_finite(cfg)
         )
