@@ -10,14 +10,19 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from detectron2.modeling import build_model
 
-from semiseg_d2.layers.density import knn_density
+from semiseg_d2.layers.density import knn_density, knn_density_grouped
 from semiseg_d2.losses.contrastive import (
     group_pixels_by_class,
     info_nce,
     sample_negatives_per_class,
     sample_pixels_per_class,
 )
-from semiseg_d2.losses.dgcl import DGCLTerm, dgcl_contrastive_loss, select_anchors_and_positives
+from semiseg_d2.losses.dgcl import (
+    DGCLTerm,
+    class_density_blocked,
+    dgcl_contrastive_loss,
+    select_anchors_and_positives,
+)
 from semiseg_d2.losses.step import SemiStep
 from tests.test_semi_model import fake_batch, semi_cfg
 
@@ -50,6 +55,20 @@ def test_group_pixels_by_class_and_negatives():
         got = n_index[c][n_ok[c]]
         assert ((labels[got] != c) & (labels[got] != 255)).all()
         assert n_ok[c].sum() == min(4, int(((labels != c) & (labels != 255)).sum()))
+
+
+def test_blocked_density_equals_padded_density():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.zeros(23), torch.ones(5), torch.full((3,), 3), torch.full((4,), 255)]).long()
+    labels = labels[torch.randperm(labels.numel(), generator=g)]
+    feats = torch.randn(labels.numel(), 6, generator=g)
+    bank = torch.randn(4, 9, 6, generator=g)
+    count = torch.tensor([9, 2, 0, 5])
+    index, valid = group_pixels_by_class(labels, 4, 20)
+    ref = knn_density_grouped(feats[index], bank, count, ks=(1, 3))
+    for block, max_elements in ((4, 40), (7, 10 ** 6), (64, 1)):
+        got = class_density_blocked(feats, index, valid, bank, count, (1, 3), block=block, max_elements=max_elements)
+        assert torch.allclose(got[valid], ref[valid], atol=1e-6) and (got[~valid] == 0).all()
 
 
 def test_select_anchors_and_positives_picks_expected_entries():
