@@ -134,7 +134,8 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.PSEUDO_LABEL = CN()
     cfg.SEMI.PSEUDO_LABEL.WEIGHT = 1.0
     # "none", "threshold" (keep confidence >= THRESHOLD, FixMatch/UniMatch) or
-    # "entropy" (drop the DROP_PERCENT * (1 - progress) % highest-entropy pixels, U2PL/DGCL)
+    # "entropy" (drop the DROP_PERCENT * (1 - t) % highest-entropy pixels, U2PL/DGCL; t = progress of the
+    # semi-supervised phase, 0 at the end of BURN_IN_ITERS)
     cfg.SEMI.PSEUDO_LABEL.FILTER = "threshold"
     cfg.SEMI.PSEUDO_LABEL.THRESHOLD = 0.95
     cfg.SEMI.PSEUDO_LABEL.DROP_PERCENT = 20.0

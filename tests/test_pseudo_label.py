@@ -87,3 +87,13 @@ def test_u2pl_normalisation_reproduces_reference_scaling():
     expected = ce[keep].mean() * (4 / 3)
     got = pseudo_label_cross_entropy(logits, target, keep, keep, normalize="u2pl")
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_semi_progress_counts_from_the_end_of_burn_in():
+    from semiseg_d2.losses.step import SemiStep
+
+    step = SemiStep(iteration=50, max_iter=150, burn_in_iters=50, num_classes=2, ignore_value=255,
+                    labeled_images=None, labeled_targets=None, student_labeled={})
+    assert step.semi_progress == 0.0 and step.progress == pytest.approx(1 / 3)
+    step.iteration = 100
+    assert step.semi_progress == pytest.approx(0.5)

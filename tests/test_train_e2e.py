@@ -173,3 +173,25 @@ def test_stream_is_independent_of_workers_and_resumes_at_any_batch(tmp_path):
                 assert torch.equal(x["image_strong"], y["image_strong"])
     # Consecutive batches differ (the stream moves on).
     assert not torch.equal(a[0][1][0]["image"], a[1][1][0]["image"])
+
+
+@pytest.mark.parametrize(
+    "losses,extra",
+    [
+        (["supervised", "pseudo_label", "dgcl"], {"SEMI.DGCL.MIN_FILL": 1, "SEMI.DGCL.PROJ_DIM": 16}),
+        (["supervised", "pseudo_label", "memory_contrast", "entropy"], {"SEMI.MEMORY_CONTRAST.START_ITER": 0}),
+        (["supervised", "pseudo_label", "ddfp"], {"SEMI.DDFP.START_ITER": 0}),
+    ],
+    ids=["dgcl", "memory_contrast", "ddfp"],
+)
+def test_each_method_trains_on_camvid_and_logs_its_term(tmp_path, losses, extra):
+    cfg = camvid_semi_cfg(tmp_path, 4, **{"SEMI.LOSSES": losses, "SEMI.BURN_IN_ITERS": 1, **extra})
+    trainer = SemiSegTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    with open(tmp_path / "metrics.json") as f:
+        logged = [json.loads(line) for line in f]
+    keys = set().union(*logged)
+    for term in losses[1:]:
+        assert any(k.startswith(f"loss_{term}") for k in keys), (term, keys)
+    assert all(v == v for rec in logged for k, v in rec.items() if k.startswith("loss_"))  # no NaN

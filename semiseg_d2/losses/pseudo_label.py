@@ -153,7 +153,7 @@ class PseudoLabelTerm(SemiLossTerm):
     def forward(self, step):
         t = step.teacher_strong
         valid = t["valid"]
-        keep = self.keep_mask(t, valid, step.progress)
+        keep = self.keep_mask(t, valid, step.semi_progress)
         pixel_weight = t["confidence"] ** self.conf_power if self.conf_power > 0 else None
         class_weight = step.pixel_class_weights(t["pseudo_label"])
         if class_weight is not None:

@@ -52,11 +52,19 @@ class SemiStep:
     mix_mask: Optional[torch.Tensor] = None
     mix_partner: Optional[torch.Tensor] = None
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    burn_in_iters: int = 0
 
     @property
     def progress(self) -> float:
         """Fraction of training done, in [0, 1]."""
         return min(max(self.iteration / max(self.max_iter, 1), 0.0), 1.0)
+
+    @property
+    def semi_progress(self) -> float:
+        """Fraction of the semi-supervised phase done (0 at the end of burn-in, 1 at the end of training):
+        the clock of U2PL/DGCL's entropy-drop schedules, which start after the supervised warm-up."""
+        span = max(self.max_iter - self.burn_in_iters, 1)
+        return min(max((self.iteration - self.burn_in_iters) / span, 0.0), 1.0)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """Mix ``x [Bu, ..., h, w]`` like the strong images (mask resized nearest to ``h, w``)."""

@@ -177,6 +177,7 @@ class SemiSegmentor(nn.Module):
         common = dict(
             iteration=self.iteration,
             max_iter=self.max_iter,
+            burn_in_iters=self.burn_in_iters,
             num_classes=self.num_classes,
             ignore_value=self.ignore_value,
             labeled_images=images_l,
