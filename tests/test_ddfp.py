@@ -18,7 +18,7 @@ from semiseg_d2.losses.ddfp import (
     sample_pixels,
 )
 from semiseg_d2.losses.step import SemiStep
-from tests.tiny import tiny_cfg
+from tests.tiny import fake_batch, tiny_cfg
 
 C, D = 3, 8
 
@@ -213,19 +213,6 @@ def _ddfp_cfg():
     cfg.SOLVER.MAX_ITER = 10
     cfg.SOLVER.BASE_LR = 0.01
     return cfg
-
-
-def fake_batch(bl=2, bu=2, h=48, w=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labeled = [{"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
-                "sem_seg": torch.randint(0, 11, (h, w), generator=g)} for _ in range(bl)]
-    unlabeled = []
-    for _ in range(bu):
-        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
-        valid = torch.ones(h, w, dtype=torch.bool)
-        valid[:, -5:] = False
-        unlabeled.append({"image": img, "image_strong": 255 - img, "valid": valid})
-    return labeled, unlabeled
 
 
 def _train(model, optimizer, steps, seed0=0):

@@ -13,7 +13,7 @@ from detectron2.engine import DefaultPredictor
 
 from semiseg_d2.data.build import build_semi_train_loader
 from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainer
-from tests.tiny import tiny_cfg
+from tests.tiny import apply_overrides, tiny_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,13 +34,7 @@ def camvid_semi_cfg(out_dir, max_iter=12, **extra):
     cfg.TEST.EVAL_PERIOD = 0
     cfg.SEED = 3
     cfg.OUTPUT_DIR = str(out_dir)
-    for k, v in extra.items():
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return cfg
+    return apply_overrides(cfg, extra)
 
 
 def _write_cfg(cfg, path):

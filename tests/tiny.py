@@ -37,6 +37,11 @@ def semi_cfg(**overrides):
     cfg.SEMI.LOSSES = ["supervised", "pseudo_label"]
     cfg.SEMI.PSEUDO_LABEL.THRESHOLD = 0.0  # keep everything: the random teacher is unconfident
     cfg.SOLVER.MAX_ITER = 10
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg, overrides):
+    """Set dotted keys, e.g. ``{"SEMI.MIX.PROB": 1.0}``, in place; returns ``cfg``."""
     for k, v in overrides.items():
         node = cfg
         *path, last = k.split(".")
