@@ -4,7 +4,8 @@
 Trains ``configs/camvid/demo_semi_cpu.yaml`` (Mean Teacher / FixMatch-style: supervised burn-in, EMA
 teacher, strong views + CutMix, confidence-filtered pseudo-labels) on the bundled frames, evaluates the
 student and the teacher on the bundled val frames, and writes to ``--output`` (default output/demo):
-  metrics.json          mIoU / pixel accuracy / per-class IoU of student and teacher
+  results.json          mIoU / pixel accuracy / per-class IoU of student and teacher
+  metrics.json          training curves (detectron2 JSON writer)
   predictions.png       val frames: image | ground truth | student | teacher
   pseudo_labels.png     unlabeled frames: weak view | teacher pseudo-label | kept by the filter | strong view
   model_final.pth       the trainer checkpoint (tools/export_model.py turns it into a Segmentor checkpoint)
@@ -98,7 +99,7 @@ def main(argv=None):
     trainer.resume_or_load(resume=False)
     trainer.train()
     results = SemiSegTrainer.test(cfg, trainer.model)
-    with open(os.path.join(args.output, "metrics.json"), "w") as f:
+    with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
 
     model = trainer.model
@@ -112,7 +113,7 @@ def main(argv=None):
     for network, res in results.items():
         r = res["sem_seg"]
         print(f"  {network:8s} mIoU {r['mIoU']:5.1f}  pixel acc {r['pACC']:5.1f}")
-    print(f"  written to {os.path.abspath(args.output)}: metrics.json predictions.png pseudo_labels.png")
+    print(f"  written to {os.path.abspath(args.output)}: results.json predictions.png pseudo_labels.png")
     return results
 
 

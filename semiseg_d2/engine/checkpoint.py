@@ -79,6 +79,12 @@ def config_differences(saved: CfgNode, current: CfgNode, free: Iterable[str] = R
     return diffs
 
 
+def _umask_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_torch_save(obj, path: str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -88,6 +94,7 @@ def atomic_torch_save(obj, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; keep the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -102,6 +109,7 @@ def atomic_write_text(text: str, path: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, _umask_mode())
     os.replace(tmp, path)
 
 
