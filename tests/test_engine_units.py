@@ -73,3 +73,25 @@ def test_atomic_save_never_corrupts_the_previous_file(tmp_path):
         atomic_torch_save({"w": torch.zeros(3), "bad": _Unpicklable()}, path)
     assert torch.equal(torch.load(path)["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["model.pth"]  # no temporary file left behind
+
+
+def test_reference_world_size_scales_both_batches_lr_and_semi_iterations():
+    from semiseg_d2.engine.trainer import SegTrainer
+
+    cfg = get_semiseg_cfg()
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 4
+    cfg.SOLVER.IMS_PER_BATCH = 16
+    cfg.SOLVER.IMS_PER_BATCH_UNLABELED = 16
+    cfg.SOLVER.BASE_LR = 0.01
+    cfg.SOLVER.MAX_ITER = 1000
+    cfg.SEMI.BURN_IN_ITERS = 100
+    cfg.SEMI.PSEUDO_LABEL.START_ITER = 40
+    cfg.freeze()
+    one = SegTrainer.auto_scale_workers(cfg, 1)
+    assert (one.SOLVER.IMS_PER_BATCH, one.SOLVER.IMS_PER_BATCH_UNLABELED) == (4, 4)
+    assert one.SOLVER.BASE_LR == pytest.approx(0.0025)
+    assert one.SOLVER.MAX_ITER == 4000
+    assert one.SEMI.BURN_IN_ITERS == 400 and one.SEMI.PSEUDO_LABEL.START_ITER == 160
+    assert one.is_frozen()
+    same = SegTrainer.auto_scale_workers(cfg, 4)
+    assert same.SOLVER.BASE_LR == 0.01 and same.SEMI.BURN_IN_ITERS == 100

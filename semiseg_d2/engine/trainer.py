@@ -148,6 +148,42 @@ class SegTrainer(DefaultTrainer):
         return False
 
     @staticmethod
+    def auto_scale_workers(cfg, num_workers: int):
+        """detectron2's ``SOLVER.REFERENCE_WORLD_SIZE`` scaling (labeled batch, LR, MAX_ITER, warm-up, periods),
+        extended to the unlabeled batch and to every iteration count under ``SEMI`` (keys ``*_ITER``/``*_ITERS``:
+        burn-in, term start iterations, ramp-ups), so a recipe keeps its per-GPU batch and its schedule in
+        images seen. Logs the effective global batch."""
+        old = cfg.SOLVER.REFERENCE_WORLD_SIZE
+        scaled = DefaultTrainer.auto_scale_workers(cfg, num_workers)
+        if old not in (0, num_workers):
+            unl = cfg.SOLVER.IMS_PER_BATCH_UNLABELED
+            if unl % old != 0:
+                raise ValueError(
+                    f"SOLVER.IMS_PER_BATCH_UNLABELED={unl} is not divisible by SOLVER.REFERENCE_WORLD_SIZE={old}"
+                )
+            scale = num_workers / old
+            frozen = scaled.is_frozen()
+            scaled.defrost()
+            scaled.SOLVER.IMS_PER_BATCH_UNLABELED = int(round(unl * scale))
+            stack = [scaled.SEMI]
+            while stack:
+                node = stack.pop()
+                for key, value in node.items():
+                    if isinstance(value, dict):
+                        stack.append(value)
+                    elif key.endswith(("_ITER", "_ITERS")) and isinstance(value, int):
+                        node[key] = int(round(value / scale))
+            if frozen:
+                scaled.freeze()
+        logger.info(
+            "effective global batch: %d labeled + %d unlabeled images per iteration on %d process(es); "
+            "BASE_LR %g, MAX_ITER %d",
+            scaled.SOLVER.IMS_PER_BATCH, scaled.SOLVER.IMS_PER_BATCH_UNLABELED, num_workers,
+            scaled.SOLVER.BASE_LR, scaled.SOLVER.MAX_ITER,
+        )
+        return scaled
+
+    @staticmethod
     def _check_finite(cfg) -> bool:
         return cfg.SEMI.NONFINITE_CHECK
 
