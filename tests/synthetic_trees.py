@@ -4,6 +4,8 @@ Each ``make_*_tree(root)`` writes a handful of small images under ``root`` and r
 it wrote (ids, the raw label arrays, the split-list folder) so tests can compare against it.
 """
 import os
+import tempfile
+import unittest
 from typing import Dict, List
 
 import numpy as np
@@ -113,3 +115,23 @@ def make_camvid_tree(root: str, with_test: bool = False) -> Dict:
             write_image(os.path.join(camvid, split, stem + ".png"), i)
             write_label(os.path.join(camvid, split + "annot", stem + ".png"), stripes([0, 3, 10, 11]))
     return {"camvid_root": camvid, "frames": frames}
+
+
+class TreeCase(unittest.TestCase):
+    """A temporary dataset root per test; datasets registered through :meth:`register` are removed after."""
+
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory()
+        self.root = self._tmp.name
+        self.names = []
+
+    def tearDown(self):
+        from semiseg_d2.data.datasets import unregister
+
+        unregister(self.names)
+        self._tmp.cleanup()
+
+    def register(self, fn, *args, **kwargs):
+        names = fn(*args, **kwargs)
+        self.names.extend(names)
+        return names

@@ -1,14 +1,13 @@
 """Dataset registrations on synthetic trees laid out like the originals, bad inputs, and the real bundled CamVid."""
 import importlib.util
 import os
-import tempfile
 import unittest
 
 import numpy as np
 
 import semiseg_d2  # noqa: F401  registers the builtin datasets
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from semiseg_d2.data.datasets import BUILTIN_DATASETS, unregister
+from semiseg_d2.data.datasets import BUILTIN_DATASETS
 from semiseg_d2.data.datasets.register_camvid import register_all_camvid
 from semiseg_d2.data.datasets.register_cityscapes import register_all_cityscapes
 from semiseg_d2.data.datasets.register_gta5 import register_all_gta5
@@ -28,23 +27,7 @@ def _load_tool(name):
     return mod
 
 
-class _TreeCase(unittest.TestCase):
-    def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.root = self._tmp.name
-        self.names = []
-
-    def tearDown(self):
-        unregister(self.names)
-        self._tmp.cleanup()
-
-    def register(self, fn, *args, **kwargs):
-        names = fn(*args, **kwargs)
-        self.names.extend(names)
-        return names
-
-
-class TestVOC(_TreeCase):
+class TestVOC(st.TreeCase):
     def test_voc_tree(self):
         tree = st.make_voc_tree(self.root)
         names = self.register(register_all_voc, self.root, splits_dir=tree["splits_dir"], prefix="t_")
@@ -89,7 +72,7 @@ class TestVOC(_TreeCase):
         self.assertEqual(MetadataCatalog.get("cityscapes_fine_sem_seg_train").evaluator_type, "cityscapes_sem_seg")
 
 
-class TestCityscapes(_TreeCase):
+class TestCityscapes(st.TreeCase):
     def test_label_ids_mapped_then_converted(self):
         tree = st.make_cityscapes_tree(self.root, train_ids=False)
         names = self.register(register_all_cityscapes, self.root, splits_dir=tree["splits_dir"], prefix="a_")
@@ -119,7 +102,7 @@ class TestCityscapes(_TreeCase):
                                       st.stripes(st.CITY_TRAIN_IDS))
 
 
-class TestGTA5(_TreeCase):
+class TestGTA5(st.TreeCase):
     def test_gta5_tree(self):
         tree = st.make_gta5_tree(self.root)
         self.register(register_all_gta5, self.root, prefix="t_")
@@ -131,7 +114,7 @@ class TestGTA5(_TreeCase):
         np.testing.assert_array_equal(load_sem_seg(recs[0]["sem_seg_file_name"], meta), st.stripes(tree["train_ids"]))
 
 
-class TestCamVid(_TreeCase):
+class TestCamVid(st.TreeCase):
     def test_camvid_tree(self):
         tree = st.make_camvid_tree(self.root, with_test=True)
         splits = os.path.join(self.root, "splits")
@@ -150,7 +133,7 @@ class TestCamVid(_TreeCase):
         self.assertEqual(len(meta.stuff_classes), 11)
 
 
-class TestBadInputs(_TreeCase):
+class TestBadInputs(st.TreeCase):
     def test_missing_root_names_path_and_env(self):
         missing = os.path.join(self.root, "nowhere")
         self.register(register_all_camvid, missing, prefix="m_")
@@ -242,7 +225,7 @@ class TestDatasetConfigs(unittest.TestCase):
                 self.assertEqual(len(MetadataCatalog.get(name).stuff_classes), cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, path)
 
 
-class TestPrepareCamVid(_TreeCase):
+class TestPrepareCamVid(st.TreeCase):
     def test_copy_is_idempotent_and_registrable(self):
         tree = st.make_camvid_tree(os.path.join(self.root, "src"), with_test=True)
         dst = os.path.join(self.root, "d2", "camvid")

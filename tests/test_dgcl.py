@@ -7,7 +7,6 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from detectron2.modeling import build_model
 
 from semiseg_d2.layers.density import knn_density, knn_density_grouped
@@ -17,14 +16,14 @@ from semiseg_d2.losses.contrastive import (
     sample_negatives_per_class,
     sample_pixels_per_class,
 )
+from semiseg_d2.layers.density import class_density_blocked
 from semiseg_d2.losses.dgcl import (
     DGCLTerm,
-    class_density_blocked,
     dgcl_contrastive_loss,
     select_anchors_and_positives,
 )
 from semiseg_d2.losses.step import SemiStep
-from tests.test_semi_model import fake_batch, semi_cfg
+from tests.tiny import fake_batch, semi_cfg
 
 
 def small_term(**kw):

@@ -1,12 +1,10 @@
 """Split lists: seeded partitions (reproducible, disjoint, complete), format round trips, the make_splits tool,
 and that the shipped CamVid lists are what make_splits produces."""
 import os
-import tempfile
 import unittest
 
 import semiseg_d2  # noqa: F401
 from detectron2.data import DatasetCatalog
-from semiseg_d2.data.datasets import unregister
 from semiseg_d2.data.datasets.register_camvid import register_all_camvid
 from semiseg_d2.data.datasets.register_voc import register_all_voc
 from semiseg_d2.data.splits.splits import (
@@ -53,16 +51,7 @@ class TestPartition(unittest.TestCase):
         self.assertEqual((read_list(os.path.join(d, "labeled.txt")), read_list(os.path.join(d, "unlabeled.txt"))), (lab, unl))
 
 
-class TestFormats(unittest.TestCase):
-    def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.root = self._tmp.name
-        self.names = []
-
-    def tearDown(self):
-        unregister(self.names)
-        self._tmp.cleanup()
-
+class TestFormats(st.TreeCase):
     def test_entry_parsing(self):
         self.assertEqual(entry_id("2007_000033"), "2007_000033")
         self.assertEqual(entry_id("JPEGImages/2007_000033.jpg SegmentationClass/2007_000033.png"), "2007_000033")

@@ -1,11 +1,12 @@
 """Reusable math of the methods: EMA, class memory banks, kNN density, coupling flows."""
-from .density import knn_density, knn_density_grouped, knn_density_per_class
+from .density import class_density_blocked, knn_density, knn_density_grouped, knn_density_per_class
 from .distributed import all_gather_variable, gather_for_enqueue
 from .ema import EMA_SCHEDULES, ema_momentum, ema_update_
 from .flow import CouplingFlow, GLOWCoupling, nll_gradient_direction, nonfinite_log_det
 from .memory_bank import ClassMemoryBank, topk_per_class_per_image
 
 __all__ = [
+    "class_density_blocked",
     "knn_density", "knn_density_grouped", "knn_density_per_class",
     "all_gather_variable", "gather_for_enqueue",
     "EMA_SCHEDULES", "ema_momentum", "ema_update_",

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 
-from ..layers.density import knn_density_grouped
+from ..layers.density import class_density_blocked, knn_density_grouped
 from ..layers.distributed import gather_for_enqueue
 from ..layers.memory_bank import ClassMemoryBank
 from .contrastive import (
@@ -50,54 +50,6 @@ def topk_valid(values: torch.Tensor, valid: torch.Tensor, k: int, largest: bool)
     position = masked.topk(k, dim=-1, largest=largest, sorted=True).indices
     ok = torch.arange(k, device=values.device) < valid.sum(-1, keepdim=True)
     return position, ok
-
-
-def class_density_blocked(
-    feats: torch.Tensor,
-    index: torch.Tensor,
-    valid: torch.Tensor,
-    bank: torch.Tensor,
-    bank_count: torch.Tensor,
-    ks: Sequence[int],
-    block: int = 512,
-    max_elements: int = 1 << 27,
-) -> torch.Tensor:
-    """kNN density of class-grouped pixels against their class's bank, computing only non-empty blocks.
-
-    ``knn_density_grouped`` on the padded ``[C, K]`` layout costs C * K * N * D even when most classes hold
-    far fewer than K pixels. Here each class row is cut into blocks of ``block`` queries and only non-empty
-    blocks are computed: at most ``ceil(P / block) + C`` of them (a static bound, so no host sync), each
-    against its own class's bank rows (gathered per chunk of blocks).
-
-    feats: [P, D]; index, valid: [C, K] (valid entries first per row, as ``group_pixels_by_class`` returns);
-    bank: [C, N, D]; bank_count: [C]. Returns [C, K] fp32 (0 at invalid entries). Equal to
-    ``knn_density_grouped(feats[index], bank, bank_count, ks)`` at valid entries.
-    """
-    C, K = index.shape
-    P = feats.shape[0]
-    N = bank.shape[1]
-    if K == 0 or N == 0:
-        return feats.new_zeros(C, K, dtype=torch.float32)
-    B = min(int(block), K)
-    nb = -(-K // B)
-    pad = nb * B - K
-    idx = F.pad(index, (0, pad)).view(C * nb, B)
-    ok = F.pad(valid, (0, pad)).view(C * nb, B)
-    nonempty = ok[:, 0]
-    G = min(C * nb, -(-P // B) + C)
-    blocks = torch.argsort((~nonempty).to(torch.uint8), stable=True)[:G]  # non-empty blocks first
-    block_cls = torch.div(blocks, nb, rounding_mode="floor")
-    chunk = max(1, int(max_elements) // (B * N))
-    out = []
-    for start in range(0, G, chunk):
-        sel, cls = blocks[start:start + chunk], block_cls[start:start + chunk]
-        out.append(knn_density_grouped(feats[idx[sel]], bank[cls], bank_count[cls], ks, max_elements))
-    dens = torch.cat(out)  # [G, B]
-    full = torch.zeros(C * nb + 1, B, dtype=torch.float32, device=feats.device)
-    dump = torch.full_like(blocks, C * nb)
-    full.index_copy_(0, torch.where(nonempty[blocks], blocks, dump), dens)
-    full = full[:-1].view(C, nb * B)[:, :K]
-    return torch.where(valid, full, torch.zeros_like(full))
 
 
 def select_anchors_and_positives(
