@@ -73,6 +73,9 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.INPUT.CROP.TYPE = "absolute"
     cfg.INPUT.CROP.SIZE = (512, 512)  # (h, w); images smaller than this are padded (labels with ignore)
     cfg.INPUT.RANDOM_FLIP = "horizontal"
+    # DefaultPredictor resizes by MIN_SIZE_TEST (detectron2 default 800) before the model; 0 is its no-op, so
+    # predictions are made at the native size like the evaluation loader (TEST.SLIDING_WINDOW / TEST.AUG do the rest).
+    cfg.INPUT.MIN_SIZE_TEST = 0
     # Strong view of unlabeled images (UniMatch defaults): photometric only, same geometry as the weak view.
     cfg.INPUT.STRONG = CN()
     cfg.INPUT.STRONG.COLOR_JITTER_PROB = 0.8
