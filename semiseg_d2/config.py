@@ -89,6 +89,19 @@ def add_semiseg_config(cfg: CN) -> CN:
     # One sampling weight per TRAIN_LABELED entry (e.g. GTA5 + Cityscapes subset); empty = concatenate.
     cfg.DATASETS.TRAIN_LABELED_RATIOS = []
     cfg.DATASETS.TRAIN_UNLABELED = ()  # semi-supervised: unlabeled training sets (labels never read)
+    # Your own data, no code (data/datasets/register_folder.py, docs/datasets.md "Your own data"): one child per
+    # dataset, registered under its key by tools/train_net.py; children take exactly these keys:
+    #   IMAGE_DIR     folder of images (.jpg .jpeg .png .bmp .tif .tiff .webp; not recursive); required
+    #   MASK_DIR      folder of <image stem><MASK_SUFFIX>.png class-index masks; absent/"" = unlabeled dataset
+    #   CLASSES       class names, mask value i = CLASSES[i]; required
+    #   IGNORE_LABEL  mask value of unannotated pixels (default 255; must be >= len(CLASSES))
+    #   COLORS        one [r, g, b] per class (default: a fixed palette)
+    #   MASK_SUFFIX   text between stem and ".png" in mask names (default ""; "_mask": a.jpg -> a_mask.png)
+    #   LIST          split list of image stems selecting a subset, in its order (default: every image)
+    #   SELECT        "all" (every image needs a mask; default), "with_mask" or "without_mask" (-> unlabeled)
+    #   CHECK_MASKS   read every mask at the first DatasetCatalog.get and check values/sizes (default True)
+    # Relative paths are relative to the working directory (like OUTPUT_DIR); ~ and $VARS are expanded.
+    cfg.DATASETS.FOLDERS = CN(new_allowed=True)
 
     # ------------------------------------------------------------------ SOLVER
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"

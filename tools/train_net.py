@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 
 from semiseg_d2.config import get_semiseg_cfg  # noqa: E402
+from semiseg_d2.data.datasets import register_folder_datasets_from_cfg  # noqa: E402
 from semiseg_d2.engine.checkpoint import SemiSegCheckpointer  # noqa: E402
 from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainer, build_trainer  # noqa: E402
 
@@ -22,6 +23,7 @@ def setup(args):
     cfg = get_semiseg_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    register_folder_datasets_from_cfg(cfg)  # DATASETS.FOLDERS: plain image/mask folders (docs/datasets.md)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
