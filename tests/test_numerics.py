@@ -1,0 +1,64 @@
+"""Numerics guard for speed work: fixed-seed CPU training steps must give the recorded losses (1e-5).
+
+The fixture ``tests/data/numerics_reference.json`` was written by ``tests/make_numerics_reference.py`` from the
+code before any speed change (commit in the JSON). Every method's term set runs 3 real engine steps (forward,
+finiteness check, backward, SGD, term updates, EMA); losses of every step and checksums of the weights, the
+teacher and the term state (banks, flow) after the last step are compared.
+"""
+import json
+import math
+
+import pytest
+
+from tests.make_numerics_reference import FIXTURE, METHODS, run_method
+
+with open(FIXTURE) as _f:
+    REFERENCE = json.load(_f)
+
+
+def _close(a: float, b: float, tol: float) -> bool:
+    return abs(a - b) <= tol * max(1.0, abs(b))
+
+
+def test_fixture_covers_every_method_and_every_term_is_active():
+    assert set(REFERENCE["methods"]) == set(METHODS)
+    assert REFERENCE["generated_from_commit"] not in ("", "unknown")
+    for method, ref in REFERENCE["methods"].items():
+        assert len(ref["losses"]) == REFERENCE["steps"] == 3
+        last = ref["losses"][-1]
+        # a guard on a term that returns 0 would guard nothing
+        assert all(v > 0 for v in last.values()), (method, last)
+    assert {"loss_dgcl", "loss_ddfp", "loss_memory_contrast_labeled", "loss_entropy", "loss_pseudo_label"} <= {
+        k for ref in REFERENCE["methods"].values() for k in ref["losses"][-1]
+    }
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_fixed_seed_steps_reproduce_reference(method):
+    ref = REFERENCE["methods"][method]
+    tol = REFERENCE["tolerance"]
+    got = run_method(method, steps=REFERENCE["steps"])
+    for it, (g, r) in enumerate(zip(got["losses"], ref["losses"])):
+        assert set(g) == set(r), f"{method} step {it}: losses {sorted(g)} != reference {sorted(r)}"
+        bad = {k: (g[k], r[k]) for k in r if not (math.isfinite(g[k]) and _close(g[k], r[k], tol))}
+        assert not bad, f"{method} step {it}: (got, reference) {bad}"
+    assert set(got["checks"]) == set(ref["checks"])
+    bad = {k: (got["checks"][k], v) for k, v in ref["checks"].items() if not _close(got["checks"][k], v, tol)}
+    assert not bad, f"{method}: state checksums (got, reference) {bad}"
+
+
+def test_guard_detects_a_changed_step(monkeypatch):
+    """The comparison is sensitive: scaling one loss term by 1.0001 moves the recorded losses beyond 1e-5."""
+    from semiseg_d2.losses import pseudo_label
+
+    term_cls = pseudo_label.PseudoLabelTerm
+    original = term_cls.forward
+
+    def scaled(self, step):
+        return {k: v * 1.0001 for k, v in original(self, step).items()}
+
+    monkeypatch.setattr(term_cls, "forward", scaled)
+    ref = REFERENCE["methods"]["mean_teacher"]
+    got = run_method("mean_teacher", steps=1)
+    assert not _close(got["losses"][0]["loss_pseudo_label"], ref["losses"][0]["loss_pseudo_label"],
+                      REFERENCE["tolerance"])
