@@ -42,6 +42,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from semiseg_d2.config import get_semiseg_cfg  # noqa: E402
+from semiseg_d2.data.datasets import register_folder_datasets_from_cfg  # noqa: E402
 from semiseg_d2.engine.predictor import NETWORKS, SemiSegPredictor, check_weights_file  # noqa: E402
 from semiseg_d2.losses.pseudo_label import softmax_entropy  # noqa: E402
 
@@ -80,24 +81,13 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def register_extra_datasets(cfg) -> None:
-    """Register the folder datasets a config declares, so that DATASETS.TEST[0]'s metadata can be found."""
-    try:
-        from semiseg_d2.data.datasets.register_folder import register_folder_datasets_from_cfg
-    except ModuleNotFoundError as e:
-        if e.name != "semiseg_d2.data.datasets.register_folder":
-            raise
-        return
-    register_folder_datasets_from_cfg(cfg)
-
-
 def setup_cfg(args):
     if not os.path.isfile(args.config_file):
         raise FileNotFoundError(f"--config-file: no such file: {args.config_file}")
     cfg = get_semiseg_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    register_extra_datasets(cfg)
+    register_folder_datasets_from_cfg(cfg)  # DATASETS.FOLDERS: DATASETS.TEST[0] may be one (its metadata)
     cfg.freeze()
     return cfg
 

@@ -9,6 +9,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone
 from detectron2.structures import ImageList
 
+from ...config import check_semiseg_config
 from ...losses.segmentation import ohem_cross_entropy, sem_seg_cross_entropy, upsample_logits
 from ..backbone.build import build_backbone_checked
 from ..heads.build import build_sem_seg_head_checked
@@ -100,6 +101,7 @@ class Segmentor(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        check_semiseg_config(cfg)  # a plain detectron2 cfg fails obscurely below (e.g. in SemSegFPNHead)
         backbone = build_backbone_checked(cfg)
         input_shape = backbone.output_shape()
         check_crop_size(cfg, max(s.stride for s in input_shape.values()))
