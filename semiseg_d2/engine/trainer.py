@@ -17,6 +17,7 @@ import weakref
 from collections import OrderedDict
 
 import torch
+from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.utils import comm
@@ -27,7 +28,7 @@ from ..config import check_semiseg_config
 from ..data.build import build_sem_seg_test_loader, build_sem_seg_train_loader, build_semi_train_loader
 from ..evaluation import build_sem_seg_evaluator
 from .checkpoint import SemiSegCheckpointer, restore_rng_state
-from .hooks import EMAHook, unwrap_model
+from .hooks import EMAHook, TrainingVisHook, unwrap_model
 from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -251,6 +252,12 @@ class SemiSegTrainer(SegTrainer):
         ema = EMAHook(cfg.SEMI.EMA.MOMENTUM, cfg.SEMI.EMA.SCHEDULE, cfg.SEMI.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER)
         # The teacher must be updated before checkpointing/evaluation of the same iteration.
         ret.insert(2, ema)
+        if cfg.SEMI.VIS_PERIOD > 0 and comm.is_main_process():
+            meta = MetadataCatalog.get((cfg.DATASETS.TRAIN_LABELED or cfg.DATASETS.TRAIN)[0])
+            vis = TrainingVisHook(cfg.SEMI.VIS_PERIOD, meta)
+            # Before the PeriodicWriter, so the last iteration's pictures are written with it.
+            writer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
+            ret.insert(writer, vis)
         return ret
 
     @classmethod

@@ -154,6 +154,7 @@ class PseudoLabelTerm(SemiLossTerm):
         t = step.teacher_strong
         valid = t["valid"]
         keep = self.keep_mask(t, valid, step.semi_progress)
+        step.keep_masks[self.name] = keep
         pixel_weight = t["confidence"] ** self.conf_power if self.conf_power > 0 else None
         class_weight = step.pixel_class_weights(t["pseudo_label"])
         if class_weight is not None:

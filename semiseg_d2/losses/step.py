@@ -29,6 +29,10 @@ class SemiStep:
     cross-entropy per pixel by the class of its (pseudo-)label (Alonso et al., Eq. 3).
     ``student_decode(decoder_input, norms=None) -> (features, logits)`` re-runs the student's v3+ decoder
     (None for heads without ``decode``), e.g. on DDFP's perturbed decoder inputs.
+    ``weak_images [Bu,3,H,W]`` (unmixed) and ``strong_images`` (mixed: what the student sees) are the
+    normalised unlabeled views. ``keep_masks``: term name -> ``bool [Bu,H,W]``, the pixels of the
+    ``teacher_strong`` maps that the term trains on, recorded by the term itself (one source of truth for
+    the TensorBoard pictures of ``SEMI.VIS_PERIOD``).
     """
 
     iteration: int
@@ -51,6 +55,9 @@ class SemiStep:
     class_weights: Optional[torch.Tensor] = None  # [C] per-class CE weights, set by the class_balance term
     mix_mask: Optional[torch.Tensor] = None
     mix_partner: Optional[torch.Tensor] = None
+    weak_images: Optional[torch.Tensor] = None
+    strong_images: Optional[torch.Tensor] = None
+    keep_masks: Dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
     burn_in_iters: int = 0
 

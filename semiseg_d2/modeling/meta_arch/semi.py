@@ -8,6 +8,9 @@ One training step (docs/architecture.md):
   4. each loss term reads the SemiStep record and returns named, weighted losses.
 After the optimizer step the trainer calls :meth:`after_optimizer_step` (stateful terms update their
 memory banks / flows); the EMA hook then updates the teacher.
+On the steps where ``TrainingVisHook`` (``SEMI.VIS_PERIOD``) asks for pictures (``keep_vis > 0``), forward also
+leaves a small detached CPU copy of the first images of each part in ``vis_record``; no other step keeps
+anything beyond the optimizer step.
 """
 import copy
 from contextlib import nullcontext
@@ -20,6 +23,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from ...data.transforms import classmix_masks, cutmix_masks, mix, shifted_partner_index
+from ...evaluation.visualize import denormalize
 from ...losses.pseudo_label import softmax_entropy
 from ...losses.registry import build_loss_terms
 from ...losses.step import SemiStep
@@ -79,6 +83,8 @@ class SemiSegmentor(nn.Module):
         self.iteration = 0  # set by the trainer before each step
         self.loss_owner = {}  # loss name -> term name, for error messages
         self._last_step = None
+        self.keep_vis = 0  # images per part to copy into vis_record on this step (set by TrainingVisHook)
+        self.vis_record = None  # detached CPU copy for the pictures, taken by TrainingVisHook
 
     @classmethod
     def from_config(cls, cfg):
@@ -132,7 +138,51 @@ class SemiSegmentor(nn.Module):
                 losses[key] = value
                 self.loss_owner[key] = name
         self._last_step = step
+        if self.keep_vis > 0:
+            self.vis_record = self.vis_summary(step, self.keep_vis)
         return losses
+
+    @torch.no_grad()
+    def vis_summary(self, step: SemiStep, n: int) -> Dict[str, object]:
+        """The first ``n`` images of each part of ``step``, detached on the CPU, for the training pictures:
+
+        ``{"iteration", "labeled": {"image" uint8[n,3,H,W] RGB, "ground_truth" long[n,H,W], "student" long[n,H,W]},
+        "unlabeled": {...}}``. ``unlabeled`` (absent during burn-in) is in the geometry of the mixed strong
+        views the student trains on: ``weak`` (the weak views mixed like the strong ones), ``pseudo_label``
+        (``teacher_strong``), ``kept`` (``step.keep_masks["pseudo_label"]``, None without that term),
+        ``strong``, ``student`` (argmax on the strong views), ``mix_mask``. Predictions are the argmax of the
+        logits upsampled (bilinear) to the crop, as the losses see them.
+        """
+        mean, std = self.student.pixel_mean, self.student.pixel_std
+
+        def image(x):
+            return denormalize(x[:n].detach(), mean, std).cpu()
+
+        def argmax(logits, size):
+            up = F.interpolate(logits[:n].detach().float(), size=size, mode="bilinear", align_corners=False)
+            return up.argmax(1).cpu()
+
+        size = step.labeled_targets.shape[-2:]
+        record = {
+            "iteration": step.iteration,
+            "labeled": {
+                "image": image(step.labeled_images),
+                "ground_truth": step.labeled_targets[:n].cpu(),
+                "student": argmax(step.student_labeled["logits"], size),
+            },
+        }
+        if not step.burn_in:
+            t = step.teacher_strong
+            kept = step.keep_masks.get("pseudo_label")
+            record["unlabeled"] = {
+                "weak": image(step.mix(step.weak_images)),
+                "pseudo_label": t["pseudo_label"][:n].cpu(),
+                "kept": kept[:n].cpu() if kept is not None else None,
+                "strong": image(step.strong_images),
+                "student": argmax(step.student_strong["logits"], t["pseudo_label"].shape[-2:]),
+                "mix_mask": step.mix_mask[:n].cpu(),
+            }
+        return record
 
     # ------------------------------------------------------------------ training step
     def _stack(self, dicts, key: str, dtype=None) -> torch.Tensor:
@@ -223,6 +273,8 @@ class SemiSegmentor(nn.Module):
             unlabeled_valid=valid,
             mix_mask=mask,
             mix_partner=partner,
+            weak_images=weak,
+            strong_images=strong,
             **common,
         )
 
