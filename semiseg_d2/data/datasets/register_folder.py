@@ -116,7 +116,10 @@ def _normalise_spec(
     if mask_dir is not None and not isinstance(mask_dir, str):
         raise ValueError(f"{where}: MASK_DIR (mask_dir) must be a folder path or empty, got {mask_dir!r}")
     if not _is_str_seq(classes) or not classes:
-        raise ValueError(f"{where}: CLASSES (classes) must be a non-empty list of class names, got {classes!r}")
+        raise ValueError(
+            f"{where}: CLASSES (classes) must be a non-empty list of class names, got {classes!r} (in YAML, quote names "
+            "such as 'no', 'on' or '1' that would read as booleans or numbers)"
+        )
     dup = sorted({c for c in classes if list(classes).count(c) > 1})
     if dup:
         raise ValueError(f"{where}: CLASSES has duplicate name(s) {dup}")
