@@ -11,11 +11,15 @@
   infinite shuffled stream. Without ratios the sources are concatenated into one pool.
 - per-rank batch sizes ``SOLVER.IMS_PER_BATCH // world`` and ``SOLVER.IMS_PER_BATCH_UNLABELED // world``.
 
+The pairing itself is task-agnostic: :func:`build_paired_loader` takes the two mappers, the record keys that are
+labels (dropped from unlabeled records) and the metadata that defines the label space; projects/SemiInstance
+builds its Mask R-CNN loader with it (``annotations`` dropped, ``thing_classes`` compared).
+
 Training streams are :class:`~semiseg_d2.data.stream.SeededBatchStream`: batch ``b`` is a pure function of
 ``(SEED, b, rank)``, so ``loader.set_start(iteration)`` resumes exactly, whatever ``DATALOADER.NUM_WORKERS``.
 """
 import logging
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,6 +33,8 @@ from .stream import SeededBatchStream, StreamLoader
 __all__ = [
     "build_sem_seg_train_loader",
     "build_semi_train_loader",
+    "build_paired_loader",
+    "semi_dataset_names",
     "build_sem_seg_test_loader",
     "load_dataset_dicts",
     "split_batch",
@@ -37,8 +43,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def load_dataset_dicts(names: Sequence[str], key: str, unlabeled: bool = False) -> List[Dict]:
-    """Concatenated dicts of ``names`` (config key ``key`` named in errors); ``unlabeled`` drops labels."""
+def load_dataset_dicts(
+    names: Sequence[str], key: str, unlabeled: bool = False, label_keys: Sequence[str] = ("sem_seg_file_name",)
+) -> List[Dict]:
+    """Concatenated dicts of ``names`` (config key ``key`` named in errors); ``unlabeled`` drops ``label_keys``
+    (``sem_seg_file_name`` for segmentation, ``annotations`` for detection / instance segmentation)."""
     if isinstance(names, str):
         names = [names]
     if not names:
@@ -51,19 +60,20 @@ def load_dataset_dicts(names: Sequence[str], key: str, unlabeled: bool = False) 
         if not dicts:
             raise ValueError(f"{key}: dataset '{name}' is empty")
         if unlabeled:
-            dicts = [{k: v for k, v in d.items() if k != "sem_seg_file_name"} for d in dicts]
+            dicts = [{k: v for k, v in d.items() if k not in label_keys} for d in dicts]
         out.extend(dicts)
     return out
 
 
-def check_same_label_space(names: Sequence[str]) -> None:
-    """Raise ValueError listing the differences when ``names`` disagree on stuff_classes or ignore_label."""
+def check_same_label_space(names: Sequence[str], attrs: Sequence[str] = ("stuff_classes", "ignore_label")) -> None:
+    """Raise ValueError listing the differences when ``names`` disagree on the metadata ``attrs``
+    (``stuff_classes``/``ignore_label`` for segmentation, ``thing_classes`` for instances)."""
     ref = names[0]
     ref_meta = MetadataCatalog.get(ref)
     diffs = []
     for name in names[1:]:
         meta = MetadataCatalog.get(name)
-        for attr in ("stuff_classes", "ignore_label"):
+        for attr in attrs:
             a, b = ref_meta.get(attr, None), meta.get(attr, None)
             if a != b:
                 diffs.append(f"{attr}: '{ref}' has {a}, '{name}' has {b}")
@@ -118,7 +128,8 @@ class SemiTrainLoader(StreamLoader):
             yield [d for b in batches[:-1] for d in b], batches[-1]
 
 
-def build_semi_train_loader(cfg) -> SemiTrainLoader:
+def semi_dataset_names(cfg) -> Tuple[List[str], str, List[str]]:
+    """``(labeled names, the config key they come from, unlabeled names)``, each registered (else an error)."""
     labeled_names = list(cfg.DATASETS.TRAIN_LABELED) or list(cfg.DATASETS.TRAIN)
     labeled_key = "DATASETS.TRAIN_LABELED" if cfg.DATASETS.TRAIN_LABELED else "DATASETS.TRAIN"
     unlabeled_names = list(cfg.DATASETS.TRAIN_UNLABELED)
@@ -129,15 +140,44 @@ def build_semi_train_loader(cfg) -> SemiTrainLoader:
     for name in labeled_names + unlabeled_names:
         if name not in DatasetCatalog:
             raise KeyError(f"dataset '{name}' (DATASETS.TRAIN_LABELED / TRAIN_UNLABELED) is not registered")
-    check_same_label_space(labeled_names + unlabeled_names)
+    return labeled_names, labeled_key, unlabeled_names
+
+
+def build_paired_loader(
+    cfg,
+    labeled_mapper: Callable[[Dict], Dict],
+    unlabeled_mapper: Callable[[Dict], Dict],
+    *,
+    label_keys: Sequence[str] = ("sem_seg_file_name",),
+    label_space_attrs: Sequence[str] = ("stuff_classes", "ignore_label"),
+    labeled_filter: Optional[Callable[[List[Dict]], List[Dict]]] = None,
+) -> "SemiTrainLoader":
+    """Task-agnostic paired loader: yields ``(labeled: list[dict], unlabeled: list[dict])`` forever.
+
+    Labeled records (``DATASETS.TRAIN_LABELED``, or ``DATASETS.TRAIN``; several sources composed by
+    ``DATASETS.TRAIN_LABELED_RATIOS``) go through ``labeled_mapper``; unlabeled ones (``DATASETS.TRAIN_UNLABELED``)
+    are stripped of ``label_keys`` and go through ``unlabeled_mapper``. All sets must agree on the metadata
+    ``label_space_attrs``; ``labeled_filter`` (optional) prunes each labeled source's records (e.g. detectron2's
+    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``). Batches per rank: ``SOLVER.IMS_PER_BATCH // world``, ``SOLVER.IMS_PER_BATCH_UNLABELED
+    // world``; every stream is a seeded :class:`SeededBatchStream` (``set_start`` resumes exactly).
+    """
+    labeled_names, labeled_key, unlabeled_names = semi_dataset_names(cfg)
+    check_same_label_space(labeled_names + unlabeled_names, label_space_attrs)
     lab_batch = _per_rank_batch(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH")
     unl_batch = _per_rank_batch(cfg.SOLVER.IMS_PER_BATCH_UNLABELED, "SOLVER.IMS_PER_BATCH_UNLABELED")
     workers = cfg.DATALOADER.NUM_WORKERS
 
-    unlabeled = load_dataset_dicts(unlabeled_names, "DATASETS.TRAIN_UNLABELED", unlabeled=True)
-    unlabeled_stream = _stream(cfg, unlabeled, UnlabeledDatasetMapper(cfg), unl_batch, 1)
+    unlabeled = load_dataset_dicts(unlabeled_names, "DATASETS.TRAIN_UNLABELED", unlabeled=True, label_keys=label_keys)
+    unlabeled_stream = _stream(cfg, unlabeled, unlabeled_mapper, unl_batch, 1)
 
-    mapper = SemSegDatasetMapper(cfg, True)
+    def labeled_dicts(names):
+        dicts = load_dataset_dicts(names, labeled_key)
+        if labeled_filter is not None:
+            dicts = labeled_filter(dicts)
+            if not dicts:
+                raise ValueError(f"{labeled_key}: no usable labeled record left in {list(names)} after filtering")
+        return dicts
+
     ratios = list(cfg.DATASETS.TRAIN_LABELED_RATIOS)
     if len(labeled_names) > 1 and ratios:
         if len(ratios) != len(labeled_names):
@@ -153,11 +193,21 @@ def build_semi_train_loader(cfg) -> SemiTrainLoader:
                     f"DATASETS.TRAIN_LABELED_RATIOS {ratios}: '{name}' gets 0 of the {lab_batch} labeled images per "
                     "batch; raise SOLVER.IMS_PER_BATCH or its ratio"
                 )
-            streams.append(_stream(cfg, load_dataset_dicts([name], labeled_key), mapper, n, 2 + i))
+            streams.append(_stream(cfg, labeled_dicts([name]), labeled_mapper, n, 2 + i))
         logger.info("labeled batch composition: %s", dict(zip(labeled_names, counts)))
     else:
-        streams = [_stream(cfg, load_dataset_dicts(labeled_names, labeled_key), mapper, lab_batch, 2)]
+        streams = [_stream(cfg, labeled_dicts(labeled_names), labeled_mapper, lab_batch, 2)]
     return SemiTrainLoader(streams + [unlabeled_stream], workers)
+
+
+def build_semi_train_loader(cfg) -> SemiTrainLoader:
+    """Semantic segmentation: :func:`build_paired_loader` with ``SemSegDatasetMapper`` (labeled) and
+    ``UnlabeledDatasetMapper`` (weak + strong views); unlabeled records lose ``sem_seg_file_name``."""
+    labeled_names, _, unlabeled_names = semi_dataset_names(cfg)
+    check_same_label_space(labeled_names + unlabeled_names)
+    _per_rank_batch(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH")
+    _per_rank_batch(cfg.SOLVER.IMS_PER_BATCH_UNLABELED, "SOLVER.IMS_PER_BATCH_UNLABELED")
+    return build_paired_loader(cfg, SemSegDatasetMapper(cfg, True), UnlabeledDatasetMapper(cfg))
 
 
 def build_sem_seg_test_loader(cfg, dataset_name: str):

@@ -1,5 +1,5 @@
 """SEMI_LOSS_REGISTRY: the loss terms a semi-supervised run is composed of (``SEMI.LOSSES``)."""
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.utils.registry import Registry
@@ -35,9 +35,13 @@ class SemiLossTerm(nn.Module):
         (e.g. the memory bank of Alonso et al. is filled from teacher features of labeled pixels).
       needs_unlabeled: the term reads unlabeled data (False for ``supervised``): during burn-in only
         terms with ``needs_unlabeled = False`` run.
+      task: the step record the term reads: ``"sem_seg"`` (:class:`~semiseg_d2.losses.step.SemiStep`, built by
+        ``SemiSegmentor``) or another task's (e.g. ``"instance"``: projects/SemiInstance's ``InstanceStep``).
+        A model builds only the terms of its own task (:func:`build_loss_terms`).
     """
 
     name: str = ""
+    task: str = "sem_seg"
     needs_student_weak: bool = False
     needs_teacher_labeled: bool = False
     needs_unlabeled: bool = True
@@ -54,20 +58,30 @@ class SemiLossTerm(nn.Module):
         return []
 
 
-def known_loss_terms() -> List[str]:
-    return sorted(name for name, _ in SEMI_LOSS_REGISTRY)
+def known_loss_terms(task: Optional[str] = None) -> List[str]:
+    """Registered term names (of one ``task`` when given)."""
+    return sorted(name for name, cls in SEMI_LOSS_REGISTRY if task is None or getattr(cls, "task", "sem_seg") == task)
 
 
-def build_loss_terms(cfg) -> nn.ModuleDict:
-    """Build ``SEMI.LOSSES`` in order. Unknown or repeated names raise an error listing the known terms."""
+def build_loss_terms(cfg, task: str = "sem_seg") -> nn.ModuleDict:
+    """Build ``SEMI.LOSSES`` in order. Unknown or repeated names, and terms of another task (a term reads one
+    task's step record), raise an error listing the known terms of ``task``."""
     names = list(cfg.SEMI.LOSSES)
     if not names:
-        raise ValueError("SEMI.LOSSES is empty: name at least one term, e.g. ['supervised', 'pseudo_label']")
+        example = ["supervised", "pseudo_label"] if task == "sem_seg" else known_loss_terms(task)[:2]
+        raise ValueError(f"SEMI.LOSSES is empty: name at least one term, e.g. {example}")
     terms = nn.ModuleDict()
     for name in names:
         if name in terms:
             raise ValueError(f"SEMI.LOSSES: term '{name}' is listed twice in {names}")
         if name not in SEMI_LOSS_REGISTRY:
-            raise KeyError(f"SEMI.LOSSES: unknown term '{name}'; known: {', '.join(known_loss_terms())}")
-        terms[name] = SEMI_LOSS_REGISTRY.get(name)(cfg)
+            raise KeyError(f"SEMI.LOSSES: unknown term '{name}'; known: {', '.join(known_loss_terms(task))}")
+        cls = SEMI_LOSS_REGISTRY.get(name)
+        term_task = getattr(cls, "task", "sem_seg")
+        if term_task != task:
+            raise ValueError(
+                f"SEMI.LOSSES: term '{name}' is a '{term_task}' term but this model trains '{task}'; "
+                f"known '{task}' terms: {', '.join(known_loss_terms(task))}"
+            )
+        terms[name] = cls(cfg)
     return terms

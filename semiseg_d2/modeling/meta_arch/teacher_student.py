@@ -1,0 +1,81 @@
+"""TeacherStudent: the task-agnostic half of a semi-supervised meta-architecture.
+
+A student network, its EMA teacher (a frozen deep copy in eval mode, updated only by ``EMAHook``) and the
+``SEMI.LOSSES`` terms of one task. Subclasses build the task's step record (a
+:class:`~semiseg_d2.losses.step_record.StepRecord`) in ``forward`` and return :meth:`run_terms`'s losses.
+What the engine relies on (engine/trainer.py, engine/hooks.py):
+  ``student`` / ``teacher`` attributes (EMAHook), ``iteration`` (set before each step), ``loss_owner``
+  (loss name -> term, for the non-finite check), ``pop_metrics()``, ``after_optimizer_step()``,
+  ``params_with_own_optimizer()`` (optimizer), ``eval_network`` (SemiSegTrainer.test evaluates both).
+``SemiSegmentor`` (semi.py) implements the same contract for semantic segmentation.
+"""
+import copy
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+EVAL_NETWORKS = ("student", "teacher")
+
+
+class TeacherStudent(nn.Module):
+    def __init__(self, student: nn.Module, terms: nn.ModuleDict, max_iter: int, burn_in_iters: int = 0):
+        super().__init__()
+        self.student = student
+        self.teacher = copy.deepcopy(student)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.terms = terms
+        self.max_iter = int(max_iter)
+        self.burn_in_iters = int(burn_in_iters)
+        self.eval_network = "student"
+        self.iteration = 0  # set by the trainer before each step
+        self.loss_owner: Dict[str, str] = {}
+        self._last_step = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher's normalisation statistics only ever come from the EMA
+        return self
+
+    @property
+    def inference_network(self) -> nn.Module:
+        """The network ``eval_network`` names ("student" or "teacher")."""
+        if self.eval_network not in EVAL_NETWORKS:
+            raise ValueError(f"eval_network must be 'student' or 'teacher', got {self.eval_network!r}")
+        return getattr(self, self.eval_network)
+
+    def in_burn_in(self) -> bool:
+        """Supervised-only step: before ``burn_in_iters``, or when no term reads unlabeled data."""
+        return self.iteration < self.burn_in_iters or not any(t.needs_unlabeled for t in self.terms.values())
+
+    def run_terms(self, step) -> Dict[str, torch.Tensor]:
+        """Every term's named, weighted losses for ``step`` (terms needing unlabeled data skip burn-in steps).
+        Remembers ``step`` for :meth:`after_optimizer_step` and :meth:`pop_metrics`."""
+        losses = {}
+        for name, term in self.terms.items():
+            if step.burn_in and term.needs_unlabeled:
+                continue
+            for key, value in term(step).items():
+                if key in losses:
+                    raise KeyError(f"loss term '{name}' returned '{key}', which another term already returned")
+                losses[key] = value
+                self.loss_owner[key] = name
+        self._last_step = step
+        return losses
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Let stateful terms (memory banks) update from the last step, then drop the record."""
+        step, self._last_step = self._last_step, None
+        if step is None or step.burn_in:
+            return
+        for term in self.terms.values():
+            term.update(step)
+
+    def pop_metrics(self) -> Dict[str, torch.Tensor]:
+        """Metrics the terms logged in the last forward (detached scalars)."""
+        return dict(self._last_step.metrics) if self._last_step is not None else {}
+
+    def params_with_own_optimizer(self) -> List[nn.Parameter]:
+        return [p for t in self.terms.values() for p in t.params_with_own_optimizer()]
