@@ -74,6 +74,14 @@ class TrainingVisHook(HookBase):
     def is_due(self, iteration: int) -> bool:
         return self.period > 0 and iteration % self.period == 0
 
+    def before_train(self):
+        model = unwrap_model(self.trainer.model)
+        if not hasattr(model, "vis_summary"):
+            raise TypeError(
+                f"SEMI.VIS_PERIOD={self.period}: {type(model).__name__} has no vis_summary(step, n) to take "
+                "pictures from (SemiSegmentor has); set SEMI.VIS_PERIOD 0"
+            )
+
     def before_step(self):
         model = unwrap_model(self.trainer.model)
         model.keep_vis = self.num_images if self.is_due(self.trainer.iter) else 0
