@@ -188,7 +188,8 @@ def draw_overlay(image_rgb: np.ndarray, label: np.ndarray, meta, alpha: float, l
             Patch(facecolor=np.asarray(meta.stuff_colors[c]) / 255.0, edgecolor="white", label=meta.stuff_classes[c])
             for c in legend
         ]
-        out.ax.legend(handles=handles, loc="upper right", fontsize=vis._default_font_size * 0.8, framealpha=0.7)
+        box = out.ax.legend(handles=handles, loc="upper right", fontsize=vis._default_font_size * 0.8, framealpha=0.7)
+        box.set_zorder(100)  # above the class names draw_sem_seg writes on the regions
     return out.get_image()
 
 
