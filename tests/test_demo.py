@@ -19,7 +19,9 @@ from semiseg_d2.engine.checkpoint import SemiSegCheckpointer, atomic_torch_save
 from semiseg_d2.engine.predictor import SemiSegPredictor, network_state_dict
 from tests.tiny import BUNDLED_CAMVID, semi_cfg
 
-_spec = importlib.util.spec_from_file_location("demo", os.path.join(os.path.dirname(__file__), "..", "tools", "demo.py"))
+_spec = importlib.util.spec_from_file_location(
+    "demo", os.path.join(os.path.dirname(__file__), "..", "tools", "demo.py")
+)
 demo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo)
 

@@ -95,7 +95,9 @@ def setup_cfg(args):
 def dataset_metadata(cfg):
     """``MetadataCatalog.get(DATASETS.TEST[0])``, checked to name every class of the model and give colours."""
     if not len(cfg.DATASETS.TEST):
-        raise ValueError("DATASETS.TEST is empty: name a registered dataset; its metadata gives class names and colours")
+        raise ValueError(
+            "DATASETS.TEST is empty: name a registered dataset; its metadata gives class names and colours"
+        )
     name = cfg.DATASETS.TEST[0]
     meta = MetadataCatalog.get(name)
     classes = meta.get("stuff_classes", None)
@@ -113,7 +115,9 @@ def dataset_metadata(cfg):
     if num_classes > 255:
         raise ValueError(f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {num_classes} does not fit a uint8 label PNG (<= 255)")
     if meta.get("stuff_colors", None) is None or len(meta.stuff_colors) < num_classes:
-        raise KeyError(f"DATASETS.TEST[0] {name!r}: stuff_colors must give a colour to each of the {num_classes} classes")
+        raise KeyError(
+            f"DATASETS.TEST[0] {name!r}: stuff_colors must give a colour to each of the {num_classes} classes"
+        )
     return meta
 
 
@@ -175,7 +179,9 @@ def heat_map(values: np.ndarray) -> np.ndarray:
     return lut[np.clip(np.round(values * 255), 0, 255).astype(np.int64)]
 
 
-def draw_overlay(image_rgb: np.ndarray, label: np.ndarray, meta, alpha: float, legend: Optional[Sequence[int]]) -> np.ndarray:
+def draw_overlay(
+    image_rgb: np.ndarray, label: np.ndarray, meta, alpha: float, legend: Optional[Sequence[int]]
+) -> np.ndarray:
     """``image_rgb uint8[H, W, 3]``, ``label uint8[H, W]`` -> ``uint8[H, W, 3]`` RGB: ``Visualizer.draw_sem_seg``
     plus a legend of the classes in ``legend`` (None: no legend)."""
     from detectron2.utils.visualizer import Visualizer
@@ -220,9 +226,9 @@ def process_image(predictor, path: str, out_dir: str, meta, args) -> List[str]:
     probs = predictor(image)["sem_seg"]
     label = label_map(probs)
     stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
+    legend = classes_by_area(label) if args.legend else None
     written = [
-        save_png(draw_overlay(image[:, :, ::-1], label, meta, args.alpha, classes_by_area(label) if args.legend else None),
-                 stem + "_overlay.png"),
+        save_png(draw_overlay(image[:, :, ::-1], label, meta, args.alpha, legend), stem + "_overlay.png"),
         save_png(label, stem + "_label.png"),
     ]
     if args.confidence:
@@ -258,7 +264,8 @@ def process_video(predictor, path: str, out_dir: str, meta, args) -> List[str]:
                     if not writer.isOpened():
                         raise RuntimeError(f"OpenCV cannot write {out_path} (mp4v, {size[0]}x{size[1]}, {fps} fps)")
                 label = label_map(predictor(frame)["sem_seg"])
-                writer.write(np.ascontiguousarray(draw_overlay(frame[:, :, ::-1], label, meta, args.alpha, legend)[:, :, ::-1]))
+                overlay = draw_overlay(frame[:, :, ::-1], label, meta, args.alpha, legend)
+                writer.write(np.ascontiguousarray(overlay[:, :, ::-1]))
                 frames += 1
                 bar.update(1)
         if frames == 0:
