@@ -5,7 +5,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 
 import numpy as np
 import pytest

@@ -145,15 +145,15 @@ def _fmt_names(names: List[str]) -> str:
 
 def config_text(nodes: Dict[str, Dict], args, out_path: Optional[str]) -> str:
     """YAML for ``nodes``: the DATASETS.FOLDERS snippet with TRAIN/TEST names, or with ``args.base`` a whole config."""
-    labeled = [n for n, v in nodes.items() if "MASK_DIR" in v and v.get("SELECT") != "without_mask"
-               and not n.endswith("_val")]
-    unlabeled = [n for n in nodes if n not in labeled and not n.endswith("_val")]
-    val = [n for n in nodes if n.endswith("_val")]
+    main_labeled = bool(args.mask_dir) and args.select != "without_mask"
+    labeled = [args.name] if main_labeled else []
+    unlabeled = ([] if main_labeled else [args.name]) + ([args.name + "_unlabeled"] if args.unlabeled_dir else [])
+    val = [args.name + "_val"] if args.val_image_dir else []
     folders = yaml.dump({"FOLDERS": nodes}, Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=None, width=1000)
     lines = []
     if args.base:
         base = os.path.relpath(os.path.abspath(args.base), os.path.dirname(os.path.abspath(out_path)))
-        lines += [f"# Written by tools/register_folder.py; relative paths are relative to the working directory.",
+        lines += ["# Written by tools/register_folder.py; relative paths are relative to the working directory.",
                   f'_BASE_: "{base}"',
                   "MODEL:", "  SEM_SEG_HEAD:", f"    NUM_CLASSES: {len(_read_classes(args))}",
                   f"    IGNORE_VALUE: {args.ignore_label}"]
@@ -222,10 +222,15 @@ def main(argv=None) -> int:
     if args.layout_camvid:
         counts = layout_camvid(args.layout_camvid)
         print(f"wrote {args.layout_camvid}: " + ", ".join(f"{d}/ {n}" for d, n in counts.items()))
-        print(f"check it:  python tools/register_folder.py --config-file configs/folder/example_camvid_folders.yaml --check")
+        if os.path.normpath(args.layout_camvid) == os.path.join("datasets", "camvid_folders"):
+            print("next: python tools/register_folder.py --config-file configs/folder/example_camvid_folders.yaml --check")
+        else:  # the example config expects datasets/camvid_folders under the working directory
+            print(f"next: python tools/register_folder.py --name camvid_folders --image-dir {args.layout_camvid}/images "
+                  f"--mask-dir {args.layout_camvid}/masks --unlabeled-dir {args.layout_camvid}/unlabeled --classes "
+                  "sky building pole road pavement tree sign_symbol fence car pedestrian bicyclist --check")
         return 0
 
-    import semiseg_d2  # noqa: F401  registers the builtin datasets
+    import semiseg_d2  # noqa: F401  registers the builtin datasets (a FOLDERS name must not clash with them)
     from semiseg_d2.config import get_semiseg_cfg
     from semiseg_d2.data.datasets.register_folder import register_folder_datasets_from_cfg
 

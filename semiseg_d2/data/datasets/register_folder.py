@@ -31,7 +31,6 @@ mask whose size differs from its image, so a run fails before its first iteratio
 later read goes through :func:`..label_io.load_sem_seg`, which checks the values again.
 """
 import difflib
-import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -55,7 +54,6 @@ __all__ = [
     "check_folder_masks",
     "default_colors",
 ]
-logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXT = ".png"  # lossless only: JPEG compression changes class indices at region borders
@@ -180,8 +178,8 @@ def _list_images(spec: Dict, where: str) -> Dict[str, str]:
     """``{stem: image path}`` of the image folder (mask files excluded when both share one folder)."""
     image_dir = spec["image_dir"]
     if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"{where}: image folder not found: {image_dir} (relative paths are taken from the "
-                                f"working directory, {os.getcwd()})")
+        raise FileNotFoundError(f"{where}: image folder not found: {image_dir} (a relative IMAGE_DIR is taken from "
+                                "the working directory at registration)")
     same_dir = spec["mask_dir"] == image_dir
     images: Dict[str, str] = {}
     subdirs = 0
@@ -202,10 +200,8 @@ def _list_images(spec: Dict, where: str) -> Dict[str, str]:
             )
         images[stem] = path
     if not images:
-        hint = f" ({subdirs} sub-folder(s) are not searched: point IMAGE_DIR at the folder holding the files)" if subdirs else ""
-        raise FileNotFoundError(
-            f"{where}: no images ({', '.join(IMAGE_EXTS)}) in {image_dir}{hint}"
-        )
+        hint = f" ({subdirs} sub-folder(s) are not searched: point IMAGE_DIR at the files' folder)" if subdirs else ""
+        raise FileNotFoundError(f"{where}: no images ({', '.join(IMAGE_EXTS)}) in {image_dir}{hint}")
     return images
 
 
@@ -251,8 +247,8 @@ def _folder_records(name: str, spec: Dict, where: str) -> List[Dict]:
     images = _list_images(spec, where)
     stems = _select_stems(spec, images, where)
     if spec["mask_dir"] is not None and not os.path.isdir(spec["mask_dir"]):
-        raise FileNotFoundError(f"{where}: mask folder not found: {spec['mask_dir']} (relative paths are taken from "
-                                f"the working directory, {os.getcwd()})")
+        raise FileNotFoundError(f"{where}: mask folder not found: {spec['mask_dir']} (a relative MASK_DIR is taken "
+                                "from the working directory at registration)")
     labeled = _is_labeled(spec)
     records = []
     unmasked = []
