@@ -1,0 +1,178 @@
+"""tools/benchmark.py on CPU: report schema, honest breakdown (no double counting), data-only mode, OOM report.
+
+Speed is never asserted here (timing figures come from the benchmark itself, docs/benchmarks.md).
+"""
+import importlib.util
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from tests.make_numerics_reference import method_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("benchmark_tool", os.path.join(REPO, "tools", "benchmark.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+TRAIN_KEYS = {
+    "schema", "config", "overrides", "device", "torch", "cuda", "amp_dtype", "channels_last", "meta_architecture",
+    "losses", "crop", "ims_per_batch", "data", "iters", "warmup", "start_iter", "notes", "status", "mode",
+    "median_s_per_iter", "p90_s_per_iter", "images_per_iter", "images_per_s", "peak_memory_bytes",
+    "peak_memory_kind", "peak_memory_component", "breakdown", "attributed_fraction", "host_data_wait_median_ms",
+    "step_times_s", "per_iteration_ms", "banks_filled", "components_attached",
+}
+
+
+def _config(tmp_path, method, **overrides):
+    cfg = method_cfg(method)
+    for k, v in overrides.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(cfg.dump())
+    return str(path)
+
+
+def _run(tmp_path, argv, profiler_hook=None):
+    out = tmp_path / "report.json"
+    code = bench.main(["--json", str(out)] + list(argv), profiler_hook=profiler_hook)
+    report = json.loads(out.read_text()) if out.exists() else None
+    return code, report
+
+
+def _check_breakdown(report):
+    bd = report["breakdown"]
+    assert "unattributed" in bd
+    attributed = [n for n in bd if n != "unattributed"]
+    # the attributed components cover the step: within 10% of the measured step time, never above it
+    assert 0.9 <= report["attributed_fraction"] <= 1.0 + 1e-9, report["attributed_fraction"]
+    for row in report["per_iteration_ms"]:
+        parts = sum(row[n] for n in attributed)
+        assert parts <= row["step"] * (1 + 1e-9)
+        assert parts + row["unattributed"] == pytest.approx(row["step"], rel=1e-9)
+    shares = sum(b["share"] for b in bd.values())
+    assert 0.8 < shares < 1.2  # shares of medians: roughly, not exactly, 1
+
+
+@pytest.mark.parametrize("method", ["supervised", "dgcl"])
+def test_synthetic_report_schema_and_breakdown(tmp_path, method):
+    code, report = _run(tmp_path, ["--config-file", _config(tmp_path, method), "--synthetic", "--iters", "3",
+                                   "--warmup", "1", "--device", "cpu"])
+    assert code == bench.EXIT_OK
+    assert TRAIN_KEYS <= set(report), TRAIN_KEYS - set(report)
+    assert report["schema"] == bench.SCHEMA and report["status"] == "ok" and report["mode"] == "train"
+    assert report["device"]["type"] == "cpu" and "CPU" in report["device"]["name"]
+    assert report["torch"] == torch.__version__ and report["amp_dtype"] is None and report["channels_last"] is False
+    assert len(report["step_times_s"]) == len(report["per_iteration_ms"]) == 3
+    assert report["median_s_per_iter"] > 0 and report["p90_s_per_iter"] >= report["median_s_per_iter"]
+    semi = method != "supervised"
+    images = 2 + (2 if semi else 0)
+    assert report["ims_per_batch"] == {"labeled": 2, "unlabeled": 2 if semi else 0}
+    assert report["images_per_s"] == pytest.approx(images / report["median_s_per_iter"])
+    assert report["peak_memory_bytes"] > 0 and report["peak_memory_kind"] == "cpu_max_rss"
+    names = set(report["breakdown"])
+    expected = {"data", "backward", "optimizer", "zero_grad", "metrics", "forward/student", "forward/self"}
+    if semi:
+        expected |= {"forward/teacher", "forward/loss:supervised", "forward/loss:pseudo_label", "forward/loss:dgcl",
+                     "term_updates/update:dgcl", "ema"}
+        assert report["banks_filled"] == 1  # the DGCL bank, filled so that its loss runs
+    else:
+        expected |= {"forward/loss:supervised"}
+    assert expected <= names, expected - names
+    for b in report["breakdown"].values():
+        assert set(b) == {"median_ms", "mean_ms", "share"}
+    _check_breakdown(report)
+
+
+def test_nested_components_are_not_double_counted(tmp_path, monkeypatch):
+    """A 60 ms delay injected inside the teacher pass shows up in forward/teacher only, not in forward/self."""
+    from semiseg_d2.modeling.meta_arch.semi import SemiSegmentor
+
+    original = SemiSegmentor._teacher_outputs
+
+    def delayed_teacher_outputs(self, *args, **kwargs):  # test-only: makes the teacher slow on purpose
+        time.sleep(0.06)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SemiSegmentor, "_teacher_outputs", delayed_teacher_outputs)
+    code, report = _run(tmp_path, ["--config-file", _config(tmp_path, "mean_teacher"), "--synthetic",
+                                   "--iters", "3", "--warmup", "1", "--device", "cpu"])
+    assert code == bench.EXIT_OK
+    bd = report["breakdown"]
+    assert bd["forward/teacher"]["median_ms"] >= 60.0
+    assert bd["forward/self"]["median_ms"] < 50.0  # counted twice it would hold the 60 ms too
+    assert bd["forward/teacher"]["share"] > 0.5
+    _check_breakdown(report)
+
+
+def test_data_only_mode_on_bundled_camvid(tmp_path):
+    code, report = _run(tmp_path, ["--config-file", os.path.join(REPO, "configs", "camvid", "demo_semi_cpu.yaml"),
+                                   "--data-only", "--iters", "2", "--warmup", "1", "DATALOADER.NUM_WORKERS", "0",
+                                   "INPUT.CROP.SIZE", "(64, 96)"])
+    assert code == bench.EXIT_OK
+    assert report["mode"] == "data" and report["status"] == "ok"
+    assert report["images"] == 2 * (4 + 4)  # 2 measured batches of 4 labeled + 4 unlabeled frames
+    assert report["images_including_warmup"] == 3 * (4 + 4)
+    assert report["images_per_s"] > 0
+    assert report["images_per_s"] == pytest.approx(report["images"] / report["seconds"])
+
+
+def test_out_of_memory_is_reported_with_component_and_peak(tmp_path, monkeypatch, capsys):
+    """An OutOfMemoryError raised (injected by this test) inside the dgcl loss is caught and reported."""
+    from semiseg_d2.losses.dgcl import DGCLTerm
+
+    calls = {"n": 0}
+    original = DGCLTerm.forward
+
+    def forward_that_runs_out_of_memory(self, step):  # test-only injection
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("injected by test_benchmark: simulated CUDA out of memory")
+        return original(self, step)
+
+    monkeypatch.setattr(DGCLTerm, "forward", forward_that_runs_out_of_memory)
+    code, report = _run(tmp_path, ["--config-file", _config(tmp_path, "dgcl"), "--synthetic", "--iters", "3",
+                                   "--warmup", "0", "--device", "cpu"])
+    assert code == bench.EXIT_OOM
+    assert report["status"] == "oom"
+    oom = report["oom"]
+    assert oom["component"] == "forward/loss:dgcl"
+    assert oom["iteration"] == report["start_iter"] + 1
+    assert oom["peak_memory_bytes_so_far"] > 0 and "injected by test_benchmark" in oom["error"]
+    err = capsys.readouterr().err
+    assert "OUT OF MEMORY" in err and "forward/loss:dgcl" in err and "peak memory so far" in err
+
+
+def test_bad_input_is_named(tmp_path, capsys):
+    assert bench.main(["--config-file", str(tmp_path / "missing.yaml"), "--synthetic"]) == bench.EXIT_BAD_INPUT
+    assert "missing.yaml" in capsys.readouterr().err
+    cfg = _config(tmp_path, "supervised")
+    assert bench.main(["--config-file", cfg, "--synthetic", "SOLVER.BASE_LR"]) == bench.EXIT_BAD_INPUT
+    assert "KEY VALUE" in capsys.readouterr().err
+    assert bench.main(["--config-file", cfg, "--synthetic", "--iters", "0"]) == bench.EXIT_BAD_INPUT
+    assert "--iters" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert bench.main(["--config-file", cfg, "--synthetic", "--device", "cuda"]) == bench.EXIT_BAD_INPUT
+        assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_missing_dataset_suggests_synthetic(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "nowhere"))
+    code = bench.main(["--config-file", os.path.join(REPO, "configs", "dgcl_city.yaml"), "--device", "cpu",
+                       "--iters", "1", "--warmup", "0"])
+    assert code == bench.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "cityscapes_fine_train_186_labeled" in err and "--synthetic" in err
+
+
+def test_no_gpu_falls_back_to_cpu_with_a_message(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: auto picks it")
+    assert bench.resolve_device("auto").type == "cpu"
+    assert "CPU fallback" in capsys.readouterr().err
