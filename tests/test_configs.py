@@ -8,6 +8,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
 from semiseg_d2.config import get_semiseg_cfg
+from semiseg_d2.data.datasets import register_folder_datasets_from_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
@@ -27,6 +28,7 @@ def test_there_are_configs_for_every_method():
 def test_config_loads_and_names_registered_datasets(path):
     cfg = get_semiseg_cfg()
     cfg.merge_from_file(path)
+    register_folder_datasets_from_cfg(cfg)  # DATASETS.FOLDERS (lazy: no folder is read)
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TRAIN_LABELED) + list(cfg.DATASETS.TRAIN_UNLABELED)
     names += list(cfg.DATASETS.TEST)
     assert names, path
@@ -43,6 +45,7 @@ def test_config_loads_and_names_registered_datasets(path):
 def test_config_builds_a_model_with_tiny_widths(path):
     cfg = get_semiseg_cfg()
     cfg.merge_from_file(path)
+    register_folder_datasets_from_cfg(cfg)  # DATASETS.FOLDERS (lazy: no folder is read)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.RESNETS.DEPTH = 50
     cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 16
