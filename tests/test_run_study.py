@@ -1,0 +1,249 @@
+"""tools/run_study.py end to end on the bundled CamVid frames: 2 methods x 2 seeds with a tiny model and a
+6-iteration schedule -> the markdown table matches the runs' own metrics.json; --report alone (from the --pack
+archive) reproduces it; missing / corrupt runs are named and left out of the means; finished runs are skipped;
+the study configs share one protocol."""
+import importlib.util
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from PIL import Image
+
+from semiseg_d2.data.datasets.register_camvid import CAMVID_CLASSES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["supervised_46", "mean_teacher"]
+SEEDS = [0, 1]
+MAX_ITER = 6
+TINY = [
+    "MODEL.DEVICE", "cpu", "MODEL.CHANNELS_LAST", "False", "SOLVER.AMP.ENABLED", "False",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "32",
+    "MODEL.RESNETS.WIDTH_PER_GROUP", "8", "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "32",
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS", "[8]",
+    "INPUT.CROP.SIZE", "(64, 96)", "INPUT.SCALE_RANGE", "[0.2, 0.3]",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.IMS_PER_BATCH_UNLABELED", "2", "SOLVER.BASE_LR", "0.05",
+    "SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.WARMUP_ITERS", "0", "SEMI.BURN_IN_ITERS", "2",
+    "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0", "SEMI.PSEUDO_LABEL.THRESHOLD", "0.0",
+]  # fmt: skip
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("run_study", os.path.join(ROOT, "tools", "run_study.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+rs = _load_tool()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    base = tmp_path_factory.mktemp("study")
+    runs, doc, pack = base / "runs", base / "doc" / "camvid.md", base / "part.tar.gz"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "run_study.py"), "--methods", *METHODS,
+           "--seeds", *map(str, SEEDS), "--data", "mini", "--output-root", str(runs), "--doc", str(doc),
+           "--pack", str(pack), *TINY]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"base": base, "runs": runs, "doc": doc, "pack": pack, "stdout": proc.stdout}
+
+
+def _final_row(run_dir):
+    """The final evaluation row of a run's metrics.json, read here independently of the tool."""
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["iteration"] == MAX_ITER and any(k.endswith("sem_seg/mIoU") for k in r)][-1]
+
+
+def _prefix(method):
+    return "sem_seg/" if method.startswith("supervised") else "teacher/sem_seg/"
+
+
+def _table(doc, first_cell):
+    """Rows (lists of cells) of the markdown table whose header starts with ``first_cell``."""
+    block = rs.read_block(str(doc)).splitlines()
+    start = next(i for i, line in enumerate(block) if line.startswith(f"| {first_cell} |"))
+    rows = []
+    for line in block[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows[0], rows[2:]
+
+
+def _row(rows, method):
+    return next(r for r in rows if f"`{method}`" in r[0])
+
+
+def _expected_cell(values):
+    mean = statistics.fmean(values)
+    return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f} ± —"
+
+
+def test_table_is_computed_from_the_runs_metric_files(study):
+    header, rows = _table(study["doc"], "method")
+    assert len(rows) == len(METHODS)
+    for method in METHODS:
+        finals = [_final_row(study["runs"] / method / f"seed{s}") for s in SEEDS]
+        miou = [f[_prefix(method) + "mIoU"] for f in finals]
+        row = dict(zip(header, _row(rows, method)))
+        assert row["runs"] == "2 of 2"
+        assert row["val mIoU"] == _expected_cell(miou)
+        assert row["per seed"] == " / ".join(f"{v:.2f}" for v in miou)
+        assert row["peak GPU mem (GiB)"] == "unmeasured (CPU)"
+        if method == "mean_teacher":
+            assert row["student mIoU"] == _expected_cell([f["student/sem_seg/mIoU"] for f in finals])
+            base = [f["sem_seg/mIoU"] for f in (_final_row(study["runs"] / "supervised_46" / f"seed{s}") for s in SEEDS)]
+            assert row["Δ vs supervised-46"] == f"{statistics.fmean(miou) - statistics.fmean(base):+.2f}"
+        with open(study["runs"] / method / "seed0" / "study_run.json") as f:
+            summary = json.load(f)
+        assert summary["peak_mem_allocated_mib"] is None and summary["max_iter"] == MAX_ITER
+        assert summary["train_command"].startswith(f"python tools/train_net.py --config-file configs/camvid/study_{method}.yaml SEED 0")
+
+    header, rows = _table(study["doc"], "method")  # per-class table: next header starting with "method"
+    block = rs.read_block(str(study["doc"])).splitlines()
+    cls_header = next(line for line in block if line.startswith("| method | sky |"))
+    assert cls_header == "| method | " + " | ".join(CAMVID_CLASSES) + " |"
+    start = block.index(cls_header)
+    for line in block[start + 2: start + 2 + len(METHODS)]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        method = cells[0].strip("`")
+        finals = [_final_row(study["runs"] / method / f"seed{s}") for s in SEEDS]
+        for c, cell in zip(CAMVID_CLASSES, cells[1:]):
+            vals = [f[_prefix(method) + "IoU-" + c] for f in finals if not math.isnan(f[_prefix(method) + "IoU-" + c])]
+            assert cell == (f"{statistics.fmean(vals):.2f}" if vals else "—"), (method, c)
+
+
+def test_figures_and_commands(study):
+    doc_dir = study["doc"].parent
+    for name in (rs.PREDICTIONS_PNG, rs.CURVES_PNG):
+        with open(doc_dir / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+        with Image.open(doc_dir / name) as im:
+            im.verify()
+        assert f"]({name})" in rs.read_block(str(study["doc"]))
+    with Image.open(doc_dir / rs.PREDICTIONS_PNG) as im:
+        assert im.width > im.height  # 4 columns (image, ground truth, 2 methods) of 4:3 frames, 4 rows
+    for method in METHODS:
+        for s in SEEDS:
+            preds = os.listdir(study["runs"] / method / f"seed{s}" / "predictions")
+            assert len(preds) == 4, (method, s, preds)
+    block = rs.read_block(str(study["doc"]))
+    assert block.count("python tools/train_net.py --config-file configs/camvid/study_") == len(METHODS) * len(SEEDS)
+
+
+def test_pack_has_metrics_not_checkpoints_and_report_alone_reproduces_the_table(study, tmp_path):
+    with tarfile.open(study["pack"]) as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "unpacked")
+    assert not [n for n in names if n.endswith(".pth")]
+    assert {f"{m}/seed{s}/metrics.json" for m in METHODS for s in SEEDS} <= set(names)
+    doc2 = tmp_path / "doc2" / "camvid.md"
+    status = rs.main(["--report", "--runs-root", str(tmp_path / "unpacked"), "--methods", *METHODS,
+                      "--seeds", *map(str, SEEDS), "--doc", str(doc2)])  # fmt: skip
+    assert status == 0
+    tables = [[line for line in rs.read_block(str(d)).splitlines() if line.startswith("|")] for d in (study["doc"], doc2)]
+    assert tables[0] == tables[1] and len(tables[0]) == 2 + len(METHODS) + 2 + len(METHODS)
+    assert os.path.isfile(doc2.parent / rs.PREDICTIONS_PNG) and os.path.isfile(doc2.parent / rs.CURVES_PNG)
+
+
+def test_missing_and_corrupt_runs_are_named_not_averaged(study, tmp_path):
+    root = tmp_path / "runs"
+    with tarfile.open(study["pack"]) as tar:
+        tar.extractall(root)
+    shutil.rmtree(root / "mean_teacher" / "seed1")
+    with open(root / "supervised_46" / "seed0" / "metrics.json", "a") as f:
+        f.write('{"iteration": 6, "sem_seg/mIoU": 12.5\n')  # a truncated final line
+    doc = tmp_path / "camvid.md"
+    doc.write_text("# hand-written intro\n\n" + rs.DOC_BEGIN + "\nold\n" + rs.DOC_END + "\n\n## How to run\nkept\n")
+    status = rs.main(["--report", "--runs-root", str(root), "--methods", *METHODS, "--seeds", "0", "1", "--doc", str(doc)])
+    assert status == rs.EXIT_INCOMPLETE
+    text = doc.read_text()
+    assert text.startswith("# hand-written intro") and text.rstrip().endswith("## How to run\nkept") and "\nold\n" not in text
+    assert "`mean_teacher/seed1`: no run folder" in text
+    assert "`supervised_46/seed0`: metrics.json line" in text
+    header, rows = _table(doc, "method")
+    for method, kept_seed in (("supervised_46", 1), ("mean_teacher", 0)):
+        row = dict(zip(header, _row(rows, method)))
+        value = _final_row(study["runs"] / method / f"seed{kept_seed}")[_prefix(method) + "mIoU"]
+        assert row["runs"] == "1 of 2"
+        assert row["val mIoU"] == _expected_cell([value])
+
+
+def test_finished_runs_are_skipped_and_time_budget_stops_new_ones(study, tmp_path, capsys):
+    status = rs.main(["--methods", *METHODS, "--seeds", "0", "1", "--data", "mini", "--output-root", str(study["runs"]),
+                      "--no-report", *TINY])  # fmt: skip
+    assert status == 0
+    assert capsys.readouterr().out.count("complete, skipped") == 4
+    # A root with supervised_46/seed0 done (wall time known) and seed 1 missing: a 1-second budget starts nothing.
+    root = tmp_path / "runs"
+    shutil.copytree(study["runs"] / "frames", root / "frames")
+    shutil.copytree(study["runs"] / "supervised_46" / "seed0", root / "supervised_46" / "seed0")
+    with open(root / "supervised_46" / "seed0" / "study_run.json") as f:
+        summary = json.load(f)
+    summary["wall_s"] = 60.0
+    with open(root / "supervised_46" / "seed0" / "study_run.json", "w") as f:
+        json.dump(summary, f)
+    status = rs.main(["--methods", "supervised_46", "--seeds", "0", "1", "--data", "mini", "--output-root", str(root),
+                      "--time-budget", "1", "--doc", str(tmp_path / "camvid.md"), *TINY])  # fmt: skip
+    assert status == rs.EXIT_INCOMPLETE
+    assert "supervised_46/seed1: not started" in capsys.readouterr().out
+    assert not (root / "supervised_46" / "seed1").exists()
+    assert "`supervised_46/seed1`: no run folder" in (tmp_path / "camvid.md").read_text()
+
+
+def test_schedule_scale_data_and_only_arguments():
+    cfg = rs.load_cfg(rs.method_config("dgcl_ddfp"), [])
+    pairs = rs.schedule_overrides(cfg, 0.5)
+    scaled = dict(zip(pairs[::2], pairs[1::2]))
+    assert scaled["SOLVER.MAX_ITER"] == str(cfg.SOLVER.MAX_ITER // 2)
+    assert scaled["SEMI.BURN_IN_ITERS"] == str(cfg.SEMI.BURN_IN_ITERS // 2)
+    assert scaled["SEMI.DDFP.START_ITER"] == str(cfg.SEMI.DDFP.START_ITER // 2)
+    assert scaled["TEST.EVAL_PERIOD"] == str(cfg.TEST.EVAL_PERIOD // 2)
+    assert rs.schedule_overrides(cfg, 1.0) == []
+    mini = rs.load_cfg(rs.method_config("mean_teacher"), rs.data_overrides(cfg, "mini"))
+    assert mini.DATASETS.TRAIN_LABELED == ("camvid_mini_train_5_labeled",) and mini.DATASETS.TEST == ("camvid_mini_val",)
+    assert rs.parse_only(["dgcl/1", "ddfp"], ["dgcl", "ddfp"], [0, 1], None) == {("dgcl", 1), ("ddfp", 0), ("ddfp", 1)}
+    with pytest.raises(SystemExit):
+        rs.parse_args(["--only", "dgcl/7"])
+    with pytest.raises(SystemExit):
+        rs.parse_args(["--methods", "dgcll"])
+
+
+def test_study_configs_share_one_protocol():
+    """Same backbone, crop, schedule, batch and evaluation for every method; the composition reuses the
+    single-term settings; the crop is the whole (h, w) = (360, 480) CamVid frame."""
+    cfgs = {m: rs.load_cfg(rs.method_config(m), []) for m in rs.METHODS}
+    shared = ["MODEL.RESNETS", "MODEL.SEM_SEG_HEAD", "MODEL.WEIGHTS", "INPUT.CROP.SIZE", "INPUT.SCALE_RANGE",
+              "SOLVER.MAX_ITER", "SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.WARMUP_ITERS", "SOLVER.AMP",
+              "DATASETS.TEST", "TEST", "SEED"]  # fmt: skip
+
+    def get(cfg, key):
+        for part in key.split("."):
+            cfg = cfg[part]
+        return cfg
+
+    for key in shared:
+        values = {m: get(c, key) for m, c in cfgs.items()}
+        assert len({json.dumps(v, sort_keys=True, default=list) for v in values.values()}) == 1, (key, values)
+    base = cfgs["supervised_46"]
+    assert tuple(base.INPUT.CROP.SIZE) == (360, 480) and base.MODEL.RESNETS.DEPTH == 50 and base.MODEL.WEIGHTS == ""
+    assert base.MODEL.DEVICE == "cuda" and base.SOLVER.AMP.ENABLED and base.MODEL.CHANNELS_LAST
+    semi = [m for m, c in cfgs.items() if c.MODEL.META_ARCHITECTURE == "SemiSegmentor"]
+    assert sorted(semi) == sorted(set(rs.METHODS) - {"supervised_46", "supervised_367"})
+    for key in ("SEMI.BURN_IN_ITERS", "SEMI.EMA", "SOLVER.IMS_PER_BATCH_UNLABELED", "DATASETS.TRAIN_LABELED",
+                "DATASETS.TRAIN_UNLABELED"):  # fmt: skip
+        assert len({json.dumps(get(cfgs[m], key), default=list) for m in semi}) == 1, key
+    both = cfgs["dgcl_ddfp"]
+    assert list(both.SEMI.LOSSES) == ["supervised", "pseudo_label", "dgcl", "ddfp"]
+    assert both.SEMI.DGCL == cfgs["dgcl"].SEMI.DGCL and both.SEMI.DDFP == cfgs["ddfp"].SEMI.DDFP
+    assert cfgs["supervised_46"].DATASETS.TRAIN == ("camvid_train_46_labeled",)
+    assert cfgs["supervised_367"].DATASETS.TRAIN == ("camvid_train",)
