@@ -47,7 +47,13 @@ def autocast_dtype(cfg):
 
 
 class SemiSegTrainLoop(SimpleTrainer):
-    """One optimisation step: forward (autocast), finiteness check, backward, step, term updates."""
+    """One optimisation step: forward (autocast), backward, finiteness check, step, term updates.
+
+    The step has one host synchronisation: after the backward has been queued, every loss and logged metric
+    is copied to the host in one transfer (:meth:`_losses_to_host`); the finiteness check and the event
+    storage read those host values. A non-finite loss still stops training before the optimizer step (the
+    backward only writes gradients), so the weights and the last checkpoint stay untouched.
+    """
 
     def __init__(self, model, data_loader, optimizer, amp_dtype=None, check_finite: bool = True):
         super().__init__(model, data_loader, optimizer)
@@ -56,6 +62,16 @@ class SemiSegTrainLoop(SimpleTrainer):
         self.grad_scaler = (
             torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and torch.cuda.is_available() else None
         )
+
+    @staticmethod
+    def _losses_to_host(loss_dict, metrics):
+        """(losses, metrics) as dicts of CPU scalar tensors (float64), copied in ONE device->host transfer."""
+        tensors = list(loss_dict.values()) + list(metrics.values())
+        if not tensors:
+            return {}, {}
+        flat = torch.stack([v.detach().reshape(()).double() for v in tensors]).cpu()
+        values = dict(zip(list(loss_dict) + [f"metric:{k}" for k in metrics], flat.unbind()))
+        return ({k: values[k] for k in loss_dict}, {k: values[f"metric:{k}"] for k in metrics})
 
     def _raise_if_not_finite(self, loss_dict, module):
         values = torch.stack([v.detach().float() for v in loss_dict.values()])
@@ -84,8 +100,6 @@ class SemiSegTrainLoop(SimpleTrainer):
         with torch.autocast(device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             loss_dict = self.model(data)
         metrics = module.pop_metrics() if hasattr(module, "pop_metrics") else {}
-        if self.check_finite:
-            self._raise_if_not_finite(loss_dict, module)
         losses = sum(loss_dict.values())
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scaler is not None:
@@ -93,11 +107,12 @@ class SemiSegTrainLoop(SimpleTrainer):
         else:
             losses.backward()
         self.after_backward()
-        self._write_metrics(loss_dict, data_time)
-        if metrics:
-            values = {k: v.item() for k, v in metrics.items()}
-            if comm.is_main_process():
-                get_event_storage().put_scalars(**values)
+        host_losses, host_metrics = self._losses_to_host(loss_dict, metrics)  # the step's one host sync
+        if self.check_finite and host_losses:
+            self._raise_if_not_finite(host_losses, module)
+        self._write_metrics(host_losses, data_time)
+        if host_metrics and comm.is_main_process():
+            get_event_storage().put_scalars(**{k: float(v) for k, v in host_metrics.items()})
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()

@@ -14,6 +14,7 @@ and by optimizer step hooks:
       teacher                 SemiSegmentor: teacher pass + its pseudo-label maps (``_teacher_outputs``)
       student                 student network (``student.extract``; Segmentor: ``extract``)
       loss:<term>             each loss term's forward (Segmentor: ``loss:supervised``)
+    host_sync                 ``_losses_to_host``: the step's one device->host copy of losses and metrics
     finite_check              ``_raise_if_not_finite`` (when the loop has it)
     zero_grad                 ``optimizer.zero_grad``
     backward                  from the end of zero_grad to ``after_backward`` (the loss backward)
@@ -322,6 +323,8 @@ def attach_step_profiler(loop, prof: StepProfiler) -> List[str]:
         if prof.wrap_method(module, "losses", "loss:supervised"):
             attached.append("forward/loss:supervised")
 
+    if prof.wrap_method(loop, "_losses_to_host", "host_sync"):
+        attached.append("host_sync")
     if prof.wrap_method(loop, "_raise_if_not_finite", "finite_check"):
         attached.append("finite_check")
     if prof.wrap_method(loop, "_write_metrics", "metrics"):
