@@ -62,3 +62,41 @@ def test_guard_detects_a_changed_step(monkeypatch):
     got = run_method("mean_teacher", steps=1)
     assert not _close(got["losses"][0]["loss_pseudo_label"], ref["losses"][0]["loss_pseudo_label"],
                       REFERENCE["tolerance"])
+
+
+# ---------------------------------------------------------------------------------------------- speed changes
+def test_masked_enqueue_equals_filtered_enqueue():
+    """ClassMemoryBank.enqueue(valid=mask) (no host sync) writes exactly what enqueue(x[mask]) writes, including
+    wrap-around, more than N entries of a class in one call, slot 0 written or not, and an all-masked batch."""
+    import torch
+
+    from semiseg_d2.layers.memory_bank import ClassMemoryBank
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        C, N, K = 3, 5, int(torch.randint(0, 25, (), generator=g))
+        a = ClassMemoryBank(C, N, {"feat": 4, "density": 0})
+        b = ClassMemoryBank(C, N, {"feat": 4, "density": 0})
+        for step in range(4):
+            labels = torch.randint(0, C, (K,), generator=g)
+            mask = torch.rand(K, generator=g) < (0.0 if trial == 0 else 0.6)
+            values = {"feat": torch.randn(K, 4, generator=g), "density": torch.rand(K, generator=g)}
+            a.enqueue({k: v[mask] for k, v in values.items()}, labels[mask])
+            garbage = torch.where(mask, labels, torch.full_like(labels, 255))  # masked labels are ignored
+            b.enqueue(values, garbage, valid=mask)
+            for k, v in a.state_dict().items():
+                assert torch.equal(v, b.state_dict()[k]), (trial, step, k)
+
+
+def test_sgd_is_fused_only_when_every_parameter_is_cuda():
+    from types import SimpleNamespace
+
+    from semiseg_d2.engine.optimizer import sgd_implementation
+
+    def param(cuda, floating=True):
+        return SimpleNamespace(is_cuda=cuda, is_floating_point=lambda: floating)
+
+    assert sgd_implementation([param(True), param(True)]) == {"fused": True}
+    assert sgd_implementation([param(True), param(False)]) == {"foreach": True}
+    assert sgd_implementation([param(True, floating=False)]) == {"foreach": True}
+    assert sgd_implementation([]) == {"foreach": True}

@@ -88,12 +88,15 @@ class ClassMemoryBank(nn.Module):
         self.count.zero_()
 
     @torch.no_grad()
-    def enqueue(self, values: Mapping[str, torch.Tensor], labels: torch.Tensor) -> None:
+    def enqueue(self, values: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                valid: Optional[torch.Tensor] = None) -> None:
         """Append K entries; every field must be given, aligned on the first dim.
 
         Args:
             values: name -> [K, D] (or [K] for scalar fields), any float dtype (cast to the storage dtype).
-            labels: [K] long in [0, C) (filter ignore pixels before; out-of-range labels raise an index error).
+            labels: [K] long in [0, C) (out-of-range labels of VALID entries raise an index error).
+            valid: optional [K] bool: entries marked False are not written (their labels may be anything).
+                A fixed-size batch with a mask needs no host sync, unlike filtering it first (``x[mask]``).
         Entries of one class are written in the order given (later = newer). If more than N entries of a
         class arrive in one call, only its newest N are kept — the same result as N-at-a-time calls.
         Same data on every rank => same bank on every rank (see ``gather_for_enqueue``).
@@ -107,24 +110,42 @@ class ClassMemoryBank(nn.Module):
             if tuple(v.shape) != want:
                 raise ValueError(f"ClassMemoryBank.enqueue: field '{name}' has shape {tuple(v.shape)}, "
                                  f"expected {want}")
+        if valid is not None and tuple(valid.shape) != (K,):
+            raise ValueError(f"ClassMemoryBank.enqueue: valid has shape {tuple(valid.shape)}, expected ({K},)")
         if K == 0:
             return
         C, N = self.num_classes, self.size
-        n = torch.bincount(labels, minlength=C)  # [C] entries of each class in this call
+        if valid is not None:
+            valid = valid.to(device=labels.device, dtype=torch.bool)
+            labels = torch.where(valid, labels, torch.full_like(labels, C))  # group C: never written
+        n_all = torch.bincount(labels, minlength=C + (valid is not None))  # [C(+1)] entries per class
+        n = n_all[:C]
         order = torch.argsort(labels, stable=True)  # grouped by class, arrival order inside a class
         cls = labels[order]
-        start = n.cumsum(0) - n
+        start = n_all.cumsum(0) - n_all
         rank = torch.arange(K, device=labels.device) - start[cls]  # 0..n_c-1, oldest first
-        n_c = n[cls]
+        n_c = n_all[cls]
         # Entries rank r and r + N of a class share a slot and the newer must win. Rather than filtering
         # (a host sync), every entry writes the value of the newest entry of its slot:
         # winner = r + N * floor((n_c - 1 - r) / N). Duplicate indices then carry identical values.
         winner = rank + N * torch.div(n_c - 1 - rank, N, rounding_mode="floor")
         src = order[start[cls] + winner]
-        flat = cls * N + (self.ptr[cls] + winner) % N
+        ptr = self.ptr if valid is None else torch.cat([self.ptr, self.ptr.new_zeros(1)])
+        flat = cls * N + (ptr[cls] + winner) % N
+        if valid is not None:
+            # Masked-out entries rewrite slot 0 with the value it ends up with anyway: the source of a valid
+            # entry writing slot 0 if there is one, else the slot's current content (index -1 below).
+            written = cls < C
+            flat = torch.where(written, flat, torch.zeros_like(flat))
+            src0 = torch.where(written & (flat == 0), src, torch.full_like(src, -1)).amax()
+            src = torch.where(written, src, src0.expand_as(src))
         for name, v in values.items():
             buf = self.get(name)
-            buf.view(C * N, -1).index_copy_(0, flat, v.to(device=buf.device, dtype=buf.dtype)[src].reshape(K, -1))
+            rows = buf.view(C * N, -1)
+            v = v.to(device=buf.device, dtype=buf.dtype).reshape(K, -1)
+            if valid is not None:
+                v = torch.cat([v, rows[:1]])  # row K (= index -1): slot 0's current content
+            rows.index_copy_(0, flat, v[src])
         self.ptr.copy_((self.ptr + n) % N)
         self.count.copy_(torch.clamp(self.count + n, max=N))
 

@@ -327,13 +327,14 @@ class DGCLTerm(SemiLossTerm):
         density = knn_density_grouped(
             feat, self.bank.get("feat"), self.bank.count, self.density_ks, self.density_max_elements
         )
-        keep = valid.reshape(-1).nonzero().squeeze(1)  # the one host sync of the update (enqueue needs real labels)
-        cls = torch.arange(C, device=lab.device)[:, None].expand_as(index).reshape(-1)[keep]
+        # Fixed-size [C * U'] batch with a validity mask: no host sync (padding entries are not written).
+        cls = torch.arange(C, device=lab.device)[:, None].expand_as(index).reshape(-1)
         self.bank.enqueue(
             {
-                "feat": feat.reshape(-1, feat.shape[-1])[keep],
-                "proj": values["proj"][index].reshape(-1, values["proj"].shape[-1])[keep],
-                "density": density.reshape(-1)[keep],
+                "feat": feat.reshape(-1, feat.shape[-1]),
+                "proj": values["proj"][index].reshape(-1, values["proj"].shape[-1]),
+                "density": density.reshape(-1),
             },
             cls,
+            valid=valid.reshape(-1),
         )
