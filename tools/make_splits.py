@@ -6,6 +6,8 @@
   python tools/make_splits.py partition --dataset cityscapes_fine_train --ratio 0.125 --format path --out DIR
   # convert a list between formats: id | path | unimatch | cps (see semiseg_d2/data/splits/splits.py)
   python tools/make_splits.py convert --input labeled.txt --output labeled_unimatch.txt --format unimatch --dataset voc_2012_seg_train_aug
+  # partial-COCO protocol (Soft-Teacher folds; semiseg_d2/data/splits/coco_splits.py) -> OUT/{P}pct/fold{F}/*.txt
+  python tools/make_splits.py coco --json datasets/coco/annotations/instances_train2017.json --percent 1 5 10 --folds 1 2 3 4 5 --out datasets/coco/semi_splits
 """
 import argparse
 import os
@@ -31,7 +33,19 @@ def main(argv=None) -> int:
     conv.add_argument("--output", required=True)
     conv.add_argument("--format", required=True, choices=FORMATS)
     conv.add_argument("--dataset", default=None, help="registered dataset to look paths up in (ids -> paths)")
+    coco = sub.add_parser("coco", help="partial-COCO labeled/unlabeled image-id lists (Soft-Teacher folds)")
+    coco.add_argument("--json", required=True, help="COCO instances json (e.g. instances_train2017.json)")
+    coco.add_argument("--percent", type=float, nargs="+", default=[1.0, 5.0, 10.0], help="labeled percentages")
+    coco.add_argument("--folds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="folds (= numpy seeds)")
+    coco.add_argument("--out", required=True, help="folder for {P}pct/fold{F}/{labeled,unlabeled}.txt")
     args = p.parse_args(argv)
+
+    if args.cmd == "coco":
+        from semiseg_d2.data.splits.coco_splits import write_coco_semi_splits
+
+        for (pct, fold), (n_l, n_u) in write_coco_semi_splits(args.json, args.out, args.percent, args.folds).items():
+            print(f"{args.json}: {pct:g}% fold {fold}: {n_l} labeled, {n_u} unlabeled -> {args.out}")
+        return 0
 
     import semiseg_d2  # noqa: F401  registers the datasets
 

@@ -139,10 +139,20 @@ def main(argv=None) -> int:
     p.add_argument("--val", type=int, default=8)
     p.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labeled-percent", type=float, default=25.0, help="labeled share of train (labeled.txt)")
     args = p.parse_args(argv)
+    from semiseg_d2.data.splits.coco_splits import coco_semi_split
+
     for split, n, seed, fmt in (("train", args.train, args.seed, "polygon"), ("val", args.val, args.seed + 1, "rle")):
         json_file, _ = write_synthetic_coco(args.out, split, n, seed=seed, size=args.size, mask_format=fmt)
         print(f"{json_file}: {n} images")
+        if split == "train":
+            with open(json_file) as f:
+                ids = [im["id"] for im in json.load(f)["images"]]
+            labeled, _ = coco_semi_split(ids, args.labeled_percent, fold=1)
+            with open(os.path.join(args.out, "labeled.txt"), "w") as f:
+                f.write("".join(f"{i}\n" for i in labeled))
+            print(f"{os.path.join(args.out, 'labeled.txt')}: {len(labeled)} labeled train images")
     return 0
 
 
