@@ -21,3 +21,30 @@ camvid: setup
 
 clean-venv:
 	rm -rf .venv
+
+# ---- CamVid 1/8 study (docs/results/camvid.md): tools/run_study.py; extra flags via STUDY_ARGS="--seeds 0 ..."
+.PHONY: study study-report study-wheels
+STUDY_ARGS ?=
+STUDY_WHEEL_PKGS := fvcore iopath yacs omegaconf antlr4-python3-runtime pycocotools termcolor
+
+# Every method x seeds 0 1 on the GPU (finished runs are skipped), then docs/results/camvid.md + PNGs.
+study: setup camvid
+	$(PY) tools/run_study.py $(STUDY_ARGS)
+
+# Only the report, from run folders (e.g. STUDY_ARGS="--runs-root parts/1 parts/2" for unpacked --pack archives).
+study-report: setup
+	$(PY) tools/run_study.py --report $(STUDY_ARGS)
+
+# .whl/: what the device machine (Python 3.12 with torch, no detectron2, no network) lacks, at this venv's versions;
+# carried to it with the dataset (docs/results/camvid.md "How to run").
+study-wheels: setup
+	mkdir -p .whl
+	cp .cache/wheels/sal_detectron2-0.7.2-py3-none-any.whl .whl/
+	pins=$$($(PY) -c "import importlib.metadata as m; print(' '.join(p + '==' + m.version(p) for p in '$(STUDY_WHEEL_PKGS)'.split()))"); \
+	for pin in $$pins; do \
+	  $(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 -d .whl $$pin 2>/dev/null \
+	  || $(PY) -m pip wheel -q --disable-pip-version-check --no-deps -w .whl $$pin || exit 1; \
+	done
+	ls .whl

@@ -247,3 +247,15 @@ def test_study_configs_share_one_protocol():
     assert both.SEMI.DGCL == cfgs["dgcl"].SEMI.DGCL and both.SEMI.DDFP == cfgs["ddfp"].SEMI.DDFP
     assert cfgs["supervised_46"].DATASETS.TRAIN == ("camvid_train_46_labeled",)
     assert cfgs["supervised_367"].DATASETS.TRAIN == ("camvid_train",)
+
+
+def test_a_run_in_several_roots_counts_once_only_if_identical(study, tmp_path):
+    for part in ("a", "b"):
+        with tarfile.open(study["pack"]) as tar:
+            tar.extractall(tmp_path / part)
+    runs, problems = rs.collect_runs([str(tmp_path / "a"), str(tmp_path / "b")], METHODS, SEEDS)
+    assert not problems and len(runs) == len(METHODS) * len(SEEDS)
+    with open(tmp_path / "b" / "mean_teacher" / "seed0" / "metrics.json", "a") as f:
+        f.write("\n")
+    with pytest.raises(ValueError, match="mean_teacher/seed0 is complete in several roots"):
+        rs.collect_runs([str(tmp_path / "a"), str(tmp_path / "b")], METHODS, SEEDS)

@@ -408,9 +408,15 @@ def load_run(path: str, method: str, seed: int) -> Dict:
     }
 
 
+def _file_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def collect_runs(roots: Sequence[str], methods: Sequence[str], seeds: Sequence[int]) -> Tuple[Dict, Dict]:
     """(runs, problems): runs[(method, seed)] = load_run(...); problems[(method, seed)] = reason. A run found
-    complete in two roots is an error (which one counts would be a guess)."""
+    complete in two roots counts once if both copies hold the same metrics.json (archives of successive device
+    calls on one machine repeat earlier runs), else it is an error (which one counts would be a guess)."""
     runs, problems = {}, {}
     for method in methods:
         for seed in seeds:
@@ -422,9 +428,10 @@ def collect_runs(roots: Sequence[str], methods: Sequence[str], seeds: Sequence[i
                 except RunProblem as e:
                     if os.path.isdir(path) or len(roots) == 1:
                         reasons.append(f"{str(e)} [{path}]" if len(roots) > 1 else str(e))
-            if len(found) > 1:
+            if len({_file_bytes(os.path.join(r["path"], "metrics.json")) for r in found}) > 1:
                 raise ValueError(
-                    f"run {run_name(method, seed)} is complete in several roots: {[r['path'] for r in found]}; keep one"
+                    f"run {run_name(method, seed)} is complete in several roots with different metrics.json: "
+                    f"{[r['path'] for r in found]}; keep one"
                 )
             if found:
                 runs[(method, seed)] = found[0]
@@ -650,7 +657,8 @@ def plot_curves(runs: Dict, methods: Sequence[str], path: str) -> bool:
             label = method if first else None
             first = False
             if run["loss_curve"]:
-                ax_loss.plot(*zip(*run["loss_curve"]), color=color, lw=1, alpha=0.8, label=label)
+                marker = "o" if len(run["loss_curve"]) < 5 else None  # a line of one point would not show
+                ax_loss.plot(*zip(*run["loss_curve"]), color=color, marker=marker, ms=3, lw=1, alpha=0.8, label=label)
             if run["miou_curve"]:
                 ax_miou.plot(*zip(*run["miou_curve"]), color=color, marker="o", ms=3, lw=1, alpha=0.8, label=label)
     ax_loss.set(xlabel="iteration", ylabel="total training loss", yscale="log", title="training loss (each seed)")
