@@ -301,6 +301,7 @@ def test_train_ema_checkpoint_resume_and_coco_evaluation(shapes, tmp_path):
         for key in ("loss_cls", "loss_mask", "loss_cls_unsup", "loss_rpn_cls_unsup", "loss_mask_unsup",
                     "loss_roi_contrast_labeled", "loss_roi_contrast_unlabeled"):
             assert np.isfinite(history[it][key]), (it, key)
+    assert "unsup/roi_head/num_fg_samples" in history[3]  # the strong pass's head metrics are kept apart
     model = trainer.model
     bank = model.terms["roi_memory_contrast"].bank
     assert int(bank.counts.sum()) > 0

@@ -23,6 +23,7 @@ from detectron2.layers.mask_ops import paste_masks_in_image
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from semiseg_d2.losses.registry import build_loss_terms
@@ -207,7 +208,8 @@ class SemiRCNN(TeacherStudent):
         teacher_labeled = self._teacher_pass(labeled, detect=False) if self.teacher_labeled else None
         pseudo = self.pseudo_label(teacher_weak.proposals)
         strong = [{"image": u["image_strong"], "height": u["height"], "width": u["width"]} for u in unlabeled]
-        student_strong = self._train_pass(self.student, strong, pseudo)
+        with get_event_storage().name_scope("unsup"):  # detectron2's head metrics of this pass: "unsup/..."
+            student_strong = self._train_pass(self.student, strong, pseudo)
         return InstanceStep(
             student_labeled=student_labeled,
             student_strong=student_strong,
