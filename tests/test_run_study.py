@@ -208,6 +208,10 @@ def test_schedule_scale_data_and_only_arguments():
     assert scaled["SEMI.BURN_IN_ITERS"] == str(cfg.SEMI.BURN_IN_ITERS // 2)
     assert scaled["SEMI.DDFP.START_ITER"] == str(cfg.SEMI.DDFP.START_ITER // 2)
     assert scaled["TEST.EVAL_PERIOD"] == str(cfg.TEST.EVAL_PERIOD // 2)
+    assert scaled["SEMI.DDFP.FLOW_START_ITER"] == str(cfg.SEMI.DDFP.FLOW_START_ITER // 2)
+    assert not [k for k in scaled if "MEMORY_CONTRAST" in k]  # terms the run does not use keep their keys
+    supervised = rs.schedule_overrides(rs.load_cfg(rs.method_config("supervised_46"), []), 2.0)
+    assert set(supervised[::2]) == {"SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS", "TEST.EVAL_PERIOD"}
     assert rs.schedule_overrides(cfg, 1.0) == []
     mini = rs.load_cfg(rs.method_config("mean_teacher"), rs.data_overrides(cfg, "mini"))
     assert mini.DATASETS.TRAIN_LABELED == ("camvid_mini_train_5_labeled",) and mini.DATASETS.TEST == ("camvid_mini_val",)

@@ -160,18 +160,18 @@ def load_cfg(config_file: str, overrides: Sequence[str]):
 
 def schedule_overrides(cfg, scale: float) -> List[str]:
     """KEY VALUE pairs multiplying every iteration count of the schedule by ``scale`` (rounded, >= 1 where > 0):
-    SOLVER.MAX_ITER / WARMUP_ITERS, TEST.EVAL_PERIOD and every int ``SEMI.**.*_ITER(S)`` (burn-in, term starts)."""
+    SOLVER.MAX_ITER / WARMUP_ITERS, TEST.EVAL_PERIOD and, for semi-supervised configs, every int ``*_ITER(S)``
+    of ``SEMI`` and of the sub-configs of the terms in ``SEMI.LOSSES`` (burn-in, term and bank starts)."""
     if scale == 1.0:
         return []
     keys = ["SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS", "TEST.EVAL_PERIOD"]
-    stack = [("SEMI", cfg.SEMI)]
-    while stack:
-        prefix, node = stack.pop()
-        for k, v in node.items():
-            if isinstance(v, dict):
-                stack.append((f"{prefix}.{k}", v))
-            elif k.endswith(("_ITER", "_ITERS")) and isinstance(v, int) and not isinstance(v, bool):
-                keys.append(f"{prefix}.{k}")
+    if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor":
+        nodes = [("SEMI", cfg.SEMI)] + [(f"SEMI.{t.upper()}", cfg.SEMI[t.upper()]) for t in cfg.SEMI.LOSSES
+                                        if t.upper() in cfg.SEMI]
+        for prefix, node in nodes:
+            for k, v in node.items():
+                if k.endswith(("_ITER", "_ITERS")) and isinstance(v, int) and not isinstance(v, bool):
+                    keys.append(f"{prefix}.{k}")
     out = []
     for key in sorted(keys):
         node = cfg
@@ -779,9 +779,11 @@ def run_study(args) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--config-file", method_config(method),
                "--method", method, "--frames", ",".join(frames), "--study-command", study_command, *overrides]
         env = dict(os.environ, RUN_STUDY_CONCURRENT=str(args.parallel), PYTHONUNBUFFERED="1")
+        # Own process group (to stop the run with its data-loader workers), same session: whoever ends this
+        # driver's session (a device command's time limit) ends the runs too.
         log = open(os.path.join(out_dir, "child.log"), "a")
         print(f"[run_study] {run_name(method, seed)}: started ({train_net_command(method_config(method), overrides)})")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
         running[proc] = (job, log, time.monotonic())
 
     while pending or running:
