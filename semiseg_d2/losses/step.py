@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from ..data.transforms import mix
+from .step_record import StepRecord
 
 
-@dataclass
-class SemiStep:
-    """One step's record. Shapes: Bl labeled, Bu unlabeled images; H, W crop; h, w head resolution.
+@dataclass(kw_only=True)
+class SemiStep(StepRecord):
+    """One step's record (the clock, ``burn_in``, ``metrics``/``log`` come from :class:`StepRecord`). Shapes: Bl labeled, Bu unlabeled images; H, W crop; h, w head resolution.
 
     Teacher maps (no gradient, fp32, crop resolution):
       ``teacher_weak``: the weak views as they are (unmixed) — ``probs [Bu,C,H,W]``, ``pseudo_label
@@ -35,8 +36,6 @@ class SemiStep:
     the TensorBoard pictures of ``SEMI.VIS_PERIOD``).
     """
 
-    iteration: int
-    max_iter: int
     num_classes: int
     ignore_value: int
     labeled_images: torch.Tensor
@@ -44,7 +43,6 @@ class SemiStep:
     student_labeled: Dict[str, torch.Tensor]
     supervised_losses: Callable = None  # the student's Segmentor.losses(outputs, targets) -> dict
     student_decode: Callable = None  # the student head's decode(decoder_input, norms=None) (v3+ only; DDFP)
-    burn_in: bool = False
     unlabeled_valid: Optional[torch.Tensor] = None
     teacher_weak: Dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_strong: Dict[str, torch.Tensor] = field(default_factory=dict)
@@ -58,20 +56,6 @@ class SemiStep:
     weak_images: Optional[torch.Tensor] = None
     strong_images: Optional[torch.Tensor] = None
     keep_masks: Dict[str, torch.Tensor] = field(default_factory=dict)
-    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
-    burn_in_iters: int = 0
-
-    @property
-    def progress(self) -> float:
-        """Fraction of training done, in [0, 1]."""
-        return min(max(self.iteration / max(self.max_iter, 1), 0.0), 1.0)
-
-    @property
-    def semi_progress(self) -> float:
-        """Fraction of the semi-supervised phase done (0 at the end of burn-in, 1 at the end of training):
-        the clock of U2PL/DGCL's entropy-drop schedules, which start after the supervised warm-up."""
-        span = max(self.max_iter - self.burn_in_iters, 1)
-        return min(max((self.iteration - self.burn_in_iters) / span, 0.0), 1.0)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """Mix ``x [Bu, ..., h, w]`` like the strong images (mask resized nearest to ``h, w``)."""
@@ -88,7 +72,3 @@ class SemiStep:
             return None
         valid = labels != self.ignore_value
         return torch.where(valid, self.class_weights[labels.clamp(0, self.num_classes - 1)], 0.0)
-
-    def log(self, name: str, value: torch.Tensor) -> None:
-        """Record a detached scalar metric (not a loss); the trainer writes it to the event storage."""
-        self.metrics[name] = value.detach().float()

@@ -1,8 +1,7 @@
 """StepRecord: the task-agnostic part of a semi-supervised step record (what the engine and every term read).
 
 Each task's meta-architecture hands its loss terms a record subclassing this one (projects/SemiInstance's
-``InstanceStep``) with its own fields. ``SemiStep`` (losses/step.py) declares the same fields for semantic
-segmentation.
+``InstanceStep``, semantic segmentation's ``SemiStep`` in losses/step.py) with its own fields.
 """
 from dataclasses import dataclass, field
 from typing import Dict

@@ -7,12 +7,12 @@ One training step (docs/architecture.md):
   3. the student runs ONCE on cat(labeled, strong[, weak]) and its outputs are split per part;
   4. each loss term reads the SemiStep record and returns named, weighted losses.
 After the optimizer step the trainer calls :meth:`after_optimizer_step` (stateful terms update their
-memory banks / flows); the EMA hook then updates the teacher.
+memory banks / flows); the EMA hook then updates the teacher. The task-agnostic half (teacher copy, burn-in,
+running the terms, metrics, state updates) is :class:`TeacherStudent`, shared with projects/SemiInstance.
 On the steps where ``TrainingVisHook`` (``SEMI.VIS_PERIOD``) asks for pictures (``keep_vis > 0``), forward also
 leaves a small detached CPU copy of the first images of each part in ``vis_record``; no other step keeps
 anything beyond the optimizer step.
 """
-import copy
 from contextlib import nullcontext
 from typing import Dict, List, Sequence, Tuple
 
@@ -22,12 +22,14 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
+from ...config import check_semiseg_config
 from ...data.transforms import classmix_masks, cutmix_masks, mix, shifted_partner_index
 from ...evaluation.visualize import denormalize
 from ...losses.pseudo_label import softmax_entropy
 from ...losses.registry import build_loss_terms
 from ...losses.step import SemiStep
 from .segmentor import Segmentor
+from .teacher_student import TeacherStudent
 
 _MIX_TYPES = ("none", "cutmix", "classmix")
 
@@ -44,7 +46,7 @@ def split_outputs(outputs: Dict[str, torch.Tensor], sizes: Sequence[int]) -> Lis
 
 
 @META_ARCH_REGISTRY.register()
-class SemiSegmentor(nn.Module):
+class SemiSegmentor(TeacherStudent):
     """Student + EMA teacher + loss terms. Inference runs ``eval_network`` ("student" or "teacher")."""
 
     @configurable
@@ -62,16 +64,9 @@ class SemiSegmentor(nn.Module):
         student_weak: bool = False,
         teacher_autocast: bool = True,
     ):
-        super().__init__()
         if mix_type not in _MIX_TYPES:
             raise ValueError(f"SEMI.MIX.TYPE: unknown '{mix_type}'; known: {', '.join(_MIX_TYPES)}")
-        self.student = student
-        self.teacher = copy.deepcopy(student)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-        self.terms = terms
-        self.max_iter = max_iter
-        self.burn_in_iters = burn_in_iters
+        super().__init__(student, terms, max_iter, burn_in_iters)
         self.mix_type = mix_type
         self.mix_prob = mix_prob
         self.cutmix_area = tuple(cutmix_area)
@@ -79,15 +74,12 @@ class SemiSegmentor(nn.Module):
         self.student_weak = student_weak or any(t.needs_student_weak for t in terms.values())
         self.teacher_labeled = any(t.needs_teacher_labeled for t in terms.values())
         self.teacher_autocast = teacher_autocast
-        self.eval_network = "student"
-        self.iteration = 0  # set by the trainer before each step
-        self.loss_owner = {}  # loss name -> term name, for error messages
-        self._last_step = None
         self.keep_vis = 0  # images per part to copy into vis_record on this step (set by TrainingVisHook)
         self.vis_record = None  # detached CPU copy for the pictures, taken by TrainingVisHook
 
     @classmethod
     def from_config(cls, cfg):
+        check_semiseg_config(cfg)
         m = cfg.SEMI.MIX
         return dict(
             student=Segmentor(cfg),
@@ -114,30 +106,13 @@ class SemiSegmentor(nn.Module):
     def ignore_value(self) -> int:
         return self.student.ignore_value
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()  # the teacher's BN statistics only ever come from the EMA
-        return self
-
     # ------------------------------------------------------------------ inference
     def forward(self, batched_inputs):
         if not self.training:
-            network = {"student": self.student, "teacher": self.teacher}.get(self.eval_network)
-            if network is None:
-                raise ValueError(f"eval_network must be 'student' or 'teacher', got {self.eval_network!r}")
-            return network(batched_inputs)
+            return self.inference_network(batched_inputs)
         labeled, unlabeled = batched_inputs
         step = self.compute_step(labeled, unlabeled)
-        losses = {}
-        for name, term in self.terms.items():
-            if step.burn_in and term.needs_unlabeled:
-                continue
-            for key, value in term(step).items():
-                if key in losses:
-                    raise KeyError(f"loss term '{name}' returned '{key}', which another term already returned")
-                losses[key] = value
-                self.loss_owner[key] = name
-        self._last_step = step
+        losses = self.run_terms(step)
         if self.keep_vis > 0:
             self.vis_record = self.vis_summary(step, self.keep_vis)
         return losses
@@ -223,7 +198,7 @@ class SemiSegmentor(nn.Module):
         student = self.student
         images_l = student.normalize(self._stack(labeled, "image"))
         targets = self._stack(labeled, "sem_seg", torch.long)
-        burn_in = self.iteration < self.burn_in_iters or not any(t.needs_unlabeled for t in self.terms.values())
+        burn_in = self.in_burn_in()
         common = dict(
             iteration=self.iteration,
             max_iter=self.max_iter,
@@ -277,19 +252,3 @@ class SemiSegmentor(nn.Module):
             strong_images=strong,
             **common,
         )
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """Let stateful terms (memory banks, flows) update from the last step, then drop the record."""
-        step, self._last_step = self._last_step, None
-        if step is None or step.burn_in:
-            return
-        for term in self.terms.values():
-            term.update(step)
-
-    def pop_metrics(self) -> Dict[str, torch.Tensor]:
-        """Metrics the terms logged in the last forward (detached scalars)."""
-        return dict(self._last_step.metrics) if self._last_step is not None else {}
-
-    def params_with_own_optimizer(self) -> List[nn.Parameter]:
-        return [p for t in self.terms.values() for p in t.params_with_own_optimizer()]
