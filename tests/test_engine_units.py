@@ -95,3 +95,29 @@ def test_reference_world_size_scales_both_batches_lr_and_semi_iterations():
     assert one.is_frozen()
     same = SegTrainer.auto_scale_workers(cfg, 4)
     assert same.SOLVER.BASE_LR == 0.01 and same.SEMI.BURN_IN_ITERS == 100
+
+
+def test_evaluation_leaves_the_random_generators_untouched():
+    """detectron2's own test loaders draw from the global torch generator (projects/SemiInstance uses them):
+    evaluating mid-training must not change the rest of the run (mixing masks, dropout, samplers)."""
+    import random
+
+    import numpy as np
+
+    from semiseg_d2.engine.trainer import SemiSegTrainer
+    from tiny import semi_cfg
+
+    class Trainer(SemiSegTrainer):
+        @classmethod
+        def build_test_loader(cls, cfg, dataset_name):
+            torch.rand(1), np.random.rand(), random.random()  # as a DataLoader's base seed does
+            return super().build_test_loader(cfg, dataset_name)
+
+    cfg = semi_cfg(**{"DATASETS.TEST": ("camvid_mini_val",), "TEST.EVAL_TEACHER": False})
+    model = Trainer.build_model(cfg)
+    model.eval()
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    results = Trainer.test(cfg, model)
+    assert "mIoU" in results["student"]["sem_seg"]
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]

@@ -27,7 +27,7 @@ from detectron2.utils.logger import setup_logger
 from ..config import check_semiseg_config
 from ..data.build import build_sem_seg_test_loader, build_sem_seg_train_loader, build_semi_train_loader
 from ..evaluation import build_sem_seg_evaluator
-from .checkpoint import SemiSegCheckpointer, restore_rng_state
+from .checkpoint import SemiSegCheckpointer, capture_rng_state, restore_rng_state
 from .hooks import EMAHook, TrainingVisHook, unwrap_model
 from .optimizer import build_optimizer
 
@@ -220,6 +220,17 @@ class SegTrainer(DefaultTrainer):
     def load_initial_weights(self, path: str) -> None:
         if path:
             SemiSegCheckpointer(unwrap_model(self.model)).load(path, checkpointables=[])
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's evaluation, leaving every random generator as it found it: building test loaders draws
+        from the global torch generator, so evaluating mid-training would otherwise change the rest of the run
+        (mixing masks, dropout, samplers) and a run with EVAL_PERIOD would differ from one without."""
+        state = capture_rng_state()
+        try:
+            return super().test(cfg, model, evaluators)
+        finally:
+            restore_rng_state(state)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
