@@ -176,3 +176,23 @@ def test_no_gpu_falls_back_to_cpu_with_a_message(capsys):
         pytest.skip("a GPU is present: auto picks it")
     assert bench.resolve_device("auto").type == "cpu"
     assert "CPU fallback" in capsys.readouterr().err
+
+
+OFFICIAL = os.path.join(REPO, "..", "shared", "bench")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(OFFICIAL, "time_dgcl_official.py")),
+                    reason="../shared/bench (official DGCL code) not present")
+def test_dgcl_vs_official_mode_reports_both_on_the_same_inputs(tmp_path):
+    code, report = _run(tmp_path, ["--config-file", os.path.join(REPO, "configs", "dgcl_city.yaml"),
+                                   "--dgcl-official", OFFICIAL, "--scale", "0.05", "--iters", "1", "--warmup", "0",
+                                   "--device", "cpu"])
+    assert code == bench.EXIT_OK and report["mode"] == "dgcl_vs_official"
+    assert report["feature_map"] == [9, 9]
+    for side in ("official", "ours"):
+        parts = [report[f"{side}_update_ms"], report[f"{side}_loss_fwd_bwd_ms"]]
+        assert all(p > 0 for p in parts)
+        assert report[f"{side}_total_ms"] == pytest.approx(sum(parts))
+    assert report["speedup"] == pytest.approx(report["official_total_ms"] / report["ours_total_ms"])
+    assert bench.main(["--config-file", os.path.join(REPO, "configs", "dgcl_city.yaml"),
+                       "--dgcl-official", str(tmp_path)]) == bench.EXIT_BAD_INPUT

@@ -56,6 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--synthetic", action="store_true", help="random tensors of the config's crop and batch sizes")
     p.add_argument("--data-only", action="store_true",
                    help="only the training loader (mapper + workers): images/s it delivers, no model")
+    p.add_argument("--dgcl-official", default="", metavar="DIR",
+                   help="time our DGCL loss (fwd+bwd) + bank update beside the official code in DIR "
+                        "(../shared/bench) on the same synthetic tensors; no model")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="--dgcl-official: feature-map side factor (1.0 = 192x192, DGCL's Cityscapes step)")
     p.add_argument("--json", default="", metavar="OUT", help="also write the report as JSON")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when available, else the CPU fallback (slow; for development)")
@@ -390,12 +395,94 @@ def run_data_only(args, cfg, device, report):
     return EXIT_OK
 
 
+def run_dgcl_vs_official(args, cfg, device, report):
+    """Our DGCL loss + bank update vs the official code, same inputs (``time_dgcl_official.make_inputs``: 4 images
+    of 256-d features, 19 classes, bank full at 10,000 per class), same process, same device."""
+    import importlib.util
+
+    from semiseg_d2.losses.dgcl import DGCLTerm
+
+    path = os.path.join(args.dgcl_official, "time_dgcl_official.py")
+    if not os.path.isfile(path):
+        raise BenchmarkError(f"--dgcl-official: no time_dgcl_official.py in '{args.dgcl_official}'")
+    sys.path.insert(0, os.path.abspath(args.dgcl_official))
+    spec = importlib.util.spec_from_file_location("time_dgcl_official", path)
+    off = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(off)
+    off.ref.DEVICE = device
+    fts, rep, labels = off.make_inputs(device, args.scale)
+    mem = off.full_memory(device)
+    c = cfg.SEMI.DGCL
+    term = DGCLTerm(num_classes=19, feature_dim=256, proj_dim=256, temperature=c.TEMPERATURE,
+                    num_anchors=c.NUM_ANCHORS, num_positives=c.NUM_POSITIVES, num_negatives=c.NUM_NEGATIVES,
+                    max_pixels_per_class=c.MAX_PIXELS_PER_CLASS, memory_size=10000, min_fill=10000,
+                    update_per_class=c.UPDATE_PER_CLASS, density_ks=c.DENSITY_KS).to(device)
+    with torch.no_grad():  # the official bank's content, in our layout
+        term.bank.get("feat").copy_(torch.stack(mem.fts_memory))
+        term.bank.get("proj").copy_(torch.stack(mem.proj_memory))
+        term.bank.get("density").copy_(torch.stack(mem.feat_density))
+        term.bank.count.fill_(10000)
+    f = fts.permute(0, 2, 3, 1).reshape(-1, fts.shape[1])
+    flat_labels = labels.reshape(-1)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def ours_loss():
+        z = rep.permute(0, 2, 3, 1).reshape(-1, rep.shape[1])
+        loss, _, _ = term.loss_from_pixels(f, z, flat_labels)
+        loss.backward()
+
+    def ours_update():
+        term.enqueue_pixels(f, rep.detach().permute(0, 2, 3, 1).reshape(-1, rep.shape[1]), flat_labels, 0)
+
+    def official_update():
+        mem.update(fts, rep.detach(), labels)
+
+    def official_loss():
+        off.ref.compute_dgcl_loss(rep=rep, fts=fts, memo=mem, label=labels, k_low_thresh=200,
+                                  k_den_cal=[8, 16, 32]).backward()
+
+    fns = {"official_update_ms": official_update, "official_loss_fwd_bwd_ms": official_loss,
+           "ours_update_ms": ours_update, "ours_loss_fwd_bwd_ms": ours_loss}
+    times = {k: [] for k in fns}
+    import numpy as np
+
+    np.random.seed(0)
+    for i in range(args.warmup + args.iters):  # interleaved, so that a change of machine load hits both
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    res = {k: statistics.median(v) * 1000.0 for k, v in times.items()}
+    res["official_total_ms"] = res["official_update_ms"] + res["official_loss_fwd_bwd_ms"]
+    res["ours_total_ms"] = res["ours_update_ms"] + res["ours_loss_fwd_bwd_ms"]
+    res["speedup"] = res["official_total_ms"] / res["ours_total_ms"] if res["ours_total_ms"] > 0 else 0.0
+    report.update(status="ok", mode="dgcl_vs_official", feature_map=[int(fts.shape[-2]), int(fts.shape[-1])],
+                  scale=args.scale, **res)
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------------------------- output
 def format_table(report) -> str:
     lines = [
         f"benchmark of {report['config']} on {report['device']['name']} ({report['device']['type']}), "
         f"torch {report['torch']}",
     ]
+    if report.get("mode") == "dgcl_vs_official":
+        h, w = report["feature_map"]
+        lines.append(
+            f"  DGCL loss (fwd+bwd) + memory update, 4 images of 256-d features at {h}x{w}, 19 classes, full banks:\n"
+            f"    official: update {report['official_update_ms']:.1f} ms + loss {report['official_loss_fwd_bwd_ms']:.1f}"
+            f" ms = {report['official_total_ms']:.1f} ms\n"
+            f"    ours:     update {report['ours_update_ms']:.1f} ms + loss {report['ours_loss_fwd_bwd_ms']:.1f}"
+            f" ms = {report['ours_total_ms']:.1f} ms   ({report['speedup']:.1f}x faster, medians of {report['iters']})"
+        )
+        return "\n".join(lines)
     if report.get("mode") == "data":
         lines.append(
             f"  data loader only: {report['images']} images in {report['batches']} batches, "
@@ -435,7 +522,9 @@ def main(argv=None, profiler_hook=None) -> int:
         device = torch.device("cpu") if args.data_only else resolve_device(args.device)
         cfg, start_iter = load_config(args, device)
         report = common_report(args, cfg, device, start_iter)
-        if args.data_only:
+        if args.dgcl_official:
+            status = run_dgcl_vs_official(args, cfg, device, report)
+        elif args.data_only:
             status = run_data_only(args, cfg, device, report)
         else:
             report["mode"] = "train"
