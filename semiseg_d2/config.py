@@ -240,11 +240,19 @@ def add_semiseg_config(cfg: CN) -> CN:
 
 
 def check_semiseg_config(cfg: CN) -> None:
-    """Raise a clear error when a config was not extended with add_semiseg_config()."""
+    """Raise a clear error when a config was not extended with add_semiseg_config(), or asks for a GPU that
+    this machine does not have."""
     if _MARKER not in cfg:
         raise KeyError(
             "this config has no semiseg_d2 keys: call semiseg_d2.add_semiseg_config(cfg) before "
             "cfg.merge_from_file(...) (tools/train_net.py and tools/demo.py do)"
+        )
+    import torch
+
+    if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"MODEL.DEVICE is '{cfg.MODEL.DEVICE}' (the GPU recipes' default) but no CUDA GPU is available: add "
+            "`MODEL.DEVICE cpu SOLVER.AMP.ENABLED False MODEL.CHANNELS_LAST False` to run on the CPU (slowly)"
         )
 
 

@@ -4,6 +4,7 @@ import glob
 import os
 
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
@@ -55,3 +56,12 @@ def test_config_builds_a_model_with_tiny_widths(path):
     cfg.SEMI.MEMORY_CONTRAST.FEATURE_DIM = 0  # narrow widths change the head's feature size: take it from the head
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
+def test_gpu_recipe_on_a_machine_without_gpu_says_how_to_run_on_cpu():
+    cfg = get_semiseg_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "dgcl_city.yaml"))
+    assert cfg.MODEL.DEVICE == "cuda" and cfg.SOLVER.AMP.ENABLED and cfg.MODEL.CHANNELS_LAST
+    with pytest.raises(RuntimeError, match="MODEL.DEVICE cpu"):
+        build_model(cfg)
