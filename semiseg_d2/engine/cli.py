@@ -1,9 +1,13 @@
-"""The ``tools/train_net.py`` command line, reusable by projects that add config keys or loss terms.
+"""The ``tools/train_net.py`` command line, reusable by projects that add config keys, loss terms or a task.
 
     from semiseg_d2.engine.cli import cli
     cli(extra_config=(add_my_term_config,))   # keys declared before the YAML is merged
+    cli(base_config=get_semi_instance_cfg, register=(register_datasets_for_config,),
+        trainer_cls=SemiInstanceTrainer)      # another task (projects/SemiInstance/train_net.py)
 
-``extra_config`` functions take the config and add keys in place (Detectron2's ``add_*_config`` convention).
+``extra_config`` functions add keys in place (Detectron2's ``add_*_config`` convention); ``register``
+functions register the datasets the merged config names; ``trainer_cls`` defaults to the trainer the
+config's META_ARCHITECTURE asks for.
 """
 import functools
 from typing import Callable, Sequence
@@ -13,41 +17,46 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from ..config import get_semiseg_cfg
 from ..data.datasets import register_folder_datasets_from_cfg
 from .checkpoint import SemiSegCheckpointer
-from .trainer import SegTrainer, SemiSegTrainer, build_trainer
+from .trainer import SegTrainer, SemiSegTrainer
 
 ConfigFn = Callable[[object], object]
 
 
-def setup(args, extra_config: Sequence[ConfigFn] = ()):
-    """semiseg_d2 defaults + ``extra_config`` keys, then the YAML and the ``KEY VALUE`` overrides."""
-    cfg = get_semiseg_cfg()
+def setup(args, extra_config: Sequence[ConfigFn] = (), base_config: Callable = get_semiseg_cfg,
+          register: Sequence[ConfigFn] = (register_folder_datasets_from_cfg,)):
+    """``base_config()`` + ``extra_config`` keys, then the YAML and the ``KEY VALUE`` overrides; ``register``
+    functions then see the merged config (default: DATASETS.FOLDERS, plain image/mask folders, docs/datasets.md)."""
+    cfg = base_config()
     for add_config in extra_config:
         add_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    register_folder_datasets_from_cfg(cfg)  # DATASETS.FOLDERS: plain image/mask folders (docs/datasets.md)
+    for register_datasets in register:
+        register_datasets(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
 
 
-def main(args, extra_config: Sequence[ConfigFn] = ()):
-    cfg = setup(args, extra_config)
-    if args.eval_only:
+def main(args, trainer_cls=None, **setup_kwargs):
+    cfg = setup(args, **setup_kwargs)
+    if trainer_cls is None:
         trainer_cls = SemiSegTrainer if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor" else SegTrainer
+    if args.eval_only:
         model = trainer_cls.build_model(cfg)
         SemiSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return trainer_cls.test(cfg, model)
-    trainer = build_trainer(cfg)
+    trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 
-def cli(argv=None, extra_config: Sequence[ConfigFn] = ()):
-    """Parse detectron2's standard arguments and run :func:`main` on ``--num-gpus`` processes."""
+def cli(argv=None, **main_kwargs):
+    """Parse detectron2's standard arguments and run :func:`main` (with ``main_kwargs``) on ``--num-gpus``
+    processes."""
     args = default_argument_parser().parse_args(argv)
     return launch(
-        functools.partial(main, extra_config=tuple(extra_config)),
+        functools.partial(main, **main_kwargs),
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,

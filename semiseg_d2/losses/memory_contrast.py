@@ -294,9 +294,19 @@ class MemoryContrastTerm(SemiLossTerm):
             n_l = c.NUM_LABELED if c.NUM_LABELED > 0 else _count_labeled(list(c.BANK_DATASETS) or labeled)
             k = max(1, int(round(c.BANK_SIZE / max(n_l, 1))))
         return dict(
-            num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            cls.shared_kwargs(cfg, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, feature_dim, source, k),
+            bank_datasets=list(c.BANK_DATASETS),
+        )
+
+    @staticmethod
+    def shared_kwargs(cfg, num_classes: int, feature_dim: int, feature_dim_source: str, per_class_per_image: int):
+        """The ``SEMI.MEMORY_CONTRAST`` / EMA arguments every task's memory-contrast term takes (the RoI variant
+        of projects/SemiInstance too); the task supplies its class count, feature size and bank quota."""
+        c = cfg.SEMI.MEMORY_CONTRAST
+        return dict(
+            num_classes=num_classes,
             feature_dim=feature_dim,
-            feature_dim_source=source,
+            feature_dim_source=feature_dim_source,
             weight=c.WEIGHT,
             start_iter=c.START_ITER,
             bank_start_iter=c.BANK_START_ITER,
@@ -305,8 +315,7 @@ class MemoryContrastTerm(SemiLossTerm):
             selector_hidden_dim=c.SELECTOR_HIDDEN_DIM,
             bank_size=c.BANK_SIZE,
             confidence_threshold=c.CONFIDENCE_THRESHOLD,
-            per_class_per_image=k,
-            bank_datasets=list(c.BANK_DATASETS),
+            per_class_per_image=per_class_per_image,
             ema_base=cfg.SEMI.EMA.MOMENTUM,
             ema_schedule=cfg.SEMI.EMA.SCHEDULE,
             burn_in_iters=cfg.SEMI.BURN_IN_ITERS,

@@ -115,21 +115,7 @@ class RoIMemoryContrastTerm(MemoryContrastTerm):
             raise ValueError("SEMI.MEMORY_CONTRAST.PER_CLASS_PER_IMAGE must be > 0 for roi_memory_contrast "
                              "(boxes per image and class entering the bank)")
         return dict(
-            num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-            feature_dim=feature_dim,
-            feature_dim_source=source,
-            weight=c.WEIGHT,
-            start_iter=c.START_ITER,
-            bank_start_iter=c.BANK_START_ITER,
-            projection_dim=c.PROJECTION_DIM,
-            hidden_dim=c.HIDDEN_DIM,
-            selector_hidden_dim=c.SELECTOR_HIDDEN_DIM,
-            bank_size=c.BANK_SIZE,
-            confidence_threshold=c.CONFIDENCE_THRESHOLD,
-            per_class_per_image=k,
-            ema_base=cfg.SEMI.EMA.MOMENTUM,
-            ema_schedule=cfg.SEMI.EMA.SCHEDULE,
-            burn_in_iters=cfg.SEMI.BURN_IN_ITERS,
+            cls.shared_kwargs(cfg, cfg.MODEL.ROI_HEADS.NUM_CLASSES, feature_dim, source, k),
             bank_from_pseudo=cfg.SEMI_INSTANCE.BANK_FROM_PSEUDO,
         )
 
