@@ -1,6 +1,4 @@
 """Two gloo processes on CPU (detectron2.engine.launch): student and teacher stay identical across ranks."""
-import os
-
 import torch
 from detectron2.engine import launch
 
@@ -17,7 +15,6 @@ def test_two_process_semi_training_keeps_ranks_identical(tmp_path):
     launch(train_and_dump, 2, dist_url="auto", args=(cfg, str(tmp_path)))
     a = torch.load(tmp_path / "rank0.pth")
     b = torch.load(tmp_path / "rank1.pth")
-    init = None
     checked = 0
     for k in a:
         if not a[k].is_floating_point():

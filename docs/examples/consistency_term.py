@@ -5,7 +5,6 @@ Importing this module registers the term; ``add_prob_consistency_config(cfg)`` d
 ``SEMI.LOSSES: ["supervised", "pseudo_label", "prob_consistency"]`` adds it to any semi-supervised config
 (docs/getting_started.md, "Add a new loss term").
 """
-import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
 from detectron2.config import configurable

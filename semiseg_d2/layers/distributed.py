@@ -1,5 +1,5 @@
 """Explicit collectives used by stateful loss terms (never called implicitly by the pure layers)."""
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist

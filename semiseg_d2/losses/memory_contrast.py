@@ -12,7 +12,7 @@ minimisation: the ``memory_contrast`` and ``entropy`` terms. Paper -> code map: 
 """
 import copy
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -19,6 +19,7 @@ from detectron2.config import configurable
 from semiseg_d2.layers.memory_bank import topk_per_class_per_image
 from semiseg_d2.losses.memory_contrast import MemoryContrastTerm, memory_contrast_loss
 from semiseg_d2.losses.registry import SEMI_LOSS_REGISTRY, SemiLossTerm
+from semiseg_d2.losses.supervised import SupervisedTerm
 
 from .semi_rcnn import InstanceStep, RCNNPass, roi_box_features
 
@@ -31,21 +32,12 @@ UNSUP_MASK = ("loss_mask",)
 
 
 @SEMI_LOSS_REGISTRY.register_term
-class RCNNSupervisedTerm(SemiLossTerm):
+class RCNNSupervisedTerm(SupervisedTerm):
     """``rcnn_supervised``: detectron2's R-CNN losses of the labeled pass (names unchanged: loss_cls, ...)."""
 
     name = "rcnn_supervised"
     task = "instance"
-    needs_unlabeled = False
-
-    @configurable
-    def __init__(self, *, weight: float = 1.0):
-        super().__init__()
-        self.weight = weight
-
-    @classmethod
-    def from_config(cls, cfg):
-        return dict(weight=cfg.SEMI.SUPERVISED.WEIGHT)
+    # weight (SEMI.SUPERVISED.WEIGHT) and running during burn-in: inherited from the segmentation term
 
     def forward(self, step: InstanceStep) -> Dict[str, torch.Tensor]:
         return {k: v * self.weight for k, v in step.student_labeled.losses.items()}
