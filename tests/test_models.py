@@ -303,6 +303,7 @@ def test_base_configs_load_and_build(name):
     cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS = [8]
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = C
     cfg.INPUT.CROP.SIZE = (64, 64)
+    cfg.MODEL.DEVICE = "cpu"  # the Base files are GPU recipes (cuda + bf16 + channels_last)
     model = build_model(cfg)
     model.train()
     losses = model(_batch([(64, 64)]))
