@@ -3,6 +3,7 @@ from detectron2.engine import HookBase
 from torch.nn.parallel import DistributedDataParallel
 
 from ..evaluation.visualize import semi_step_pictures
+from ..layers.distributed import average_float_buffers_
 from ..layers.ema import ema_momentum, ema_update_
 
 
@@ -42,6 +43,7 @@ class EMAHook(HookBase):
             return
         model = unwrap_model(self.trainer.model)
         ema_update_(model.teacher, model.student, m)
+        average_float_buffers_(model.teacher)  # DDP + plain BN: one teacher normalisation on every rank
         self.trainer.storage.put_scalar("ema_momentum", m, smoothing_hint=False)
 
 

@@ -57,3 +57,25 @@ def gather_for_enqueue(
     names = list(values)
     gathered = all_gather_variable([values[n] for n in names] + [labels], group=group)
     return dict(zip(names, gathered[:-1])), gathered[-1]
+
+
+@torch.no_grad()
+def average_float_buffers_(module: torch.nn.Module, group=None) -> None:
+    """In place: every floating-point buffer of ``module`` (BN running mean/var) becomes its mean over ranks.
+
+    One flattened all_reduce per dtype. The EMA teacher uses it under DDP with plain BN, where each rank's
+    student has its own running statistics: without it every rank's teacher would normalise (and pseudo-label)
+    differently. With SyncBN the buffers already agree and this changes nothing. Not distributed: no-op.
+    """
+    world = _world_size(group)
+    if world == 1:
+        return
+    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+    for b in module.buffers():
+        if b.is_floating_point():
+            by_dtype.setdefault(b.dtype, []).append(b)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        dist.all_reduce(flat, group=group)
+        flat /= world
+        torch._foreach_copy_(bufs, [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in bufs]), bufs)])
