@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from tests.tiny import apply_overrides, fake_batch, semi_cfg, tiny_cfg  # noqa: E402
+from tests.tiny import TINY_DGCL, apply_overrides, fake_batch, semi_cfg, tiny_cfg  # noqa: E402
 
 FIXTURE = os.path.join(REPO, "tests", "data", "numerics_reference.json")
 STEPS = 3
@@ -66,19 +66,7 @@ METHODS = {
         "SEMI.MEMORY_CONTRAST.SELECTOR_HIDDEN_DIM": 8,
         "SEMI.MEMORY_CONTRAST.BANK_SIZE": 8,
     })),
-    "dgcl": ("SemiSegmentor", dict(_COMMON_SEMI, **{
-        "SEMI.LOSSES": ["supervised", "pseudo_label", "dgcl"],
-        "SEMI.PSEUDO_LABEL.FILTER": "entropy",
-        "SEMI.PSEUDO_LABEL.WEIGHT": 0.5,
-        "SEMI.DGCL.PROJ_DIM": 16,
-        "SEMI.DGCL.MEMORY_SIZE": 40,
-        "SEMI.DGCL.MIN_FILL": 20,
-        "SEMI.DGCL.UPDATE_PER_CLASS": 30,
-        "SEMI.DGCL.NUM_ANCHORS": 8,
-        "SEMI.DGCL.NUM_POSITIVES": 4,
-        "SEMI.DGCL.NUM_NEGATIVES": 32,
-        "SEMI.DGCL.MAX_PIXELS_PER_CLASS": 64,
-    })),
+    "dgcl": ("SemiSegmentor", dict(_COMMON_SEMI, **TINY_DGCL)),
     "ddfp": ("SemiSegmentor", dict(_COMMON_SEMI, **{
         "SEMI.LOSSES": ["supervised", "pseudo_label", "ddfp"],
         "SEMI.DDFP.THRESHOLD": 0.0,

@@ -23,7 +23,7 @@ from semiseg_d2.losses.dgcl import (
     select_anchors_and_positives,
 )
 from semiseg_d2.losses.step import SemiStep
-from tests.tiny import fake_batch, semi_cfg
+from tests.tiny import TINY_DGCL, fake_batch, semi_cfg
 
 
 def small_term(**kw):
@@ -242,19 +242,7 @@ def test_bank_identical_on_two_gloo_ranks():
 # ------------------------------------------------------------------ in the engine
 def test_tiny_semi_segmentor_trains_with_dgcl():
     torch.manual_seed(0)
-    cfg = semi_cfg(**{
-        "SEMI.LOSSES": ["supervised", "pseudo_label", "dgcl"],
-        "SEMI.PSEUDO_LABEL.FILTER": "entropy",
-        "SEMI.PSEUDO_LABEL.WEIGHT": 0.5,
-        "SEMI.DGCL.PROJ_DIM": 16,
-        "SEMI.DGCL.MEMORY_SIZE": 40,
-        "SEMI.DGCL.MIN_FILL": 20,
-        "SEMI.DGCL.UPDATE_PER_CLASS": 30,
-        "SEMI.DGCL.NUM_ANCHORS": 8,
-        "SEMI.DGCL.NUM_POSITIVES": 4,
-        "SEMI.DGCL.NUM_NEGATIVES": 32,
-        "SEMI.DGCL.MAX_PIXELS_PER_CLASS": 64,
-    })
+    cfg = semi_cfg(**TINY_DGCL)
     model = build_model(cfg)
     model.train()
     term = model.terms["dgcl"]

@@ -28,6 +28,7 @@ from semi_instance.synthetic import CATEGORIES, write_synthetic_coco  # noqa: E4
 from semiseg_d2.data.splits.coco_splits import coco_labeled_positions, coco_semi_split  # noqa: E402
 from semiseg_d2.engine.hooks import EMAHook  # noqa: E402
 from semiseg_d2.losses.registry import build_loss_terms  # noqa: E402
+from tests.tiny import apply_overrides  # noqa: E402
 
 LOSSES_ALL = ["rcnn_supervised", "rcnn_pseudo_label", "roi_memory_contrast"]
 
@@ -67,13 +68,7 @@ def tiny_cfg(out_dir, **overrides):
     cfg.SEMI.LOSSES = list(LOSSES_ALL)
     cfg.SEED = 5
     cfg.OUTPUT_DIR = str(out_dir)
-    for k, v in overrides.items():
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def _write_json(path, data):

@@ -31,6 +31,22 @@ def tiny_cfg(head: str = "DeepLabV3PlusFeatHead", num_classes: int = 11, output_
     return cfg
 
 
+# DGCL at tiny sizes (a bank of 40 per class fills within a few steps): shared by tests and the numerics fixture.
+TINY_DGCL = {
+    "SEMI.LOSSES": ["supervised", "pseudo_label", "dgcl"],
+    "SEMI.PSEUDO_LABEL.FILTER": "entropy",
+    "SEMI.PSEUDO_LABEL.WEIGHT": 0.5,
+    "SEMI.DGCL.PROJ_DIM": 16,
+    "SEMI.DGCL.MEMORY_SIZE": 40,
+    "SEMI.DGCL.MIN_FILL": 20,
+    "SEMI.DGCL.UPDATE_PER_CLASS": 30,
+    "SEMI.DGCL.NUM_ANCHORS": 8,
+    "SEMI.DGCL.NUM_POSITIVES": 4,
+    "SEMI.DGCL.NUM_NEGATIVES": 32,
+    "SEMI.DGCL.MAX_PIXELS_PER_CLASS": 64,
+}
+
+
 def semi_cfg(**overrides):
     cfg = tiny_cfg(crop=(48, 64))
     cfg.MODEL.META_ARCHITECTURE = "SemiSegmentor"
