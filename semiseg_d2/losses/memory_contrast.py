@@ -354,15 +354,22 @@ class MemoryContrastTerm(SemiLossTerm):
             return {"loss_memory_contrast_labeled": zero, "loss_memory_contrast_unlabeled": zero}
         labels = labels[idx]
         is_labeled = idx < y_l.numel()
-        pred = self.prediction(self.projection(feats[idx]))
+        return self.contrast_losses(step, feats[idx], labels, is_labeled, "memory_contrast")
+
+    def contrast_losses(self, step, features: torch.Tensor, labels: torch.Tensor, is_labeled: torch.Tensor,
+                        name: str) -> Dict[str, torch.Tensor]:
+        """Eqs. 8-11 for rows ``features [R, D]`` of classes ``labels [R]`` (pixels here, RoIs in
+        projects/SemiInstance) against the bank: ``loss_<name>_labeled`` / ``loss_<name>_unlabeled`` (weighted)
+        split by ``is_labeled [R]``; logs ``<name>/bank_fill``."""
+        pred = self.prediction(self.projection(features))
         # The selectors learn to weight features; they do not shape them (input detached, as the reference).
         s_p = self.selector.score_pixels(pred.detach(), labels)
         memory, valid = self.bank.get("feat"), self.bank.valid_mask()
         s_z = self.memory_selector.score_per_class(memory, valid)
         loss_l, _ = memory_contrast_loss(pred, labels, s_p, memory, valid, s_z, pixel_mask=is_labeled)
         loss_u, _ = memory_contrast_loss(pred, labels, s_p, memory, valid, s_z, pixel_mask=~is_labeled)
-        step.log("memory_contrast/bank_fill", self.bank.counts.float().mean() / self.bank.size)
-        return {"loss_memory_contrast_labeled": loss_l * self.weight, "loss_memory_contrast_unlabeled": loss_u * self.weight}
+        step.log(f"{name}/bank_fill", self.bank.counts.float().mean() / self.bank.size)
+        return {f"loss_{name}_labeled": loss_l * self.weight, f"loss_{name}_unlabeled": loss_u * self.weight}
 
     # ------------------------------------------------------------------ bank + teacher heads
     def _source_mask(self, step, batch: int, device) -> Optional[torch.Tensor]:

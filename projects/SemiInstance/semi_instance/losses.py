@@ -17,7 +17,7 @@ import torch
 from detectron2.config import configurable
 
 from semiseg_d2.layers.memory_bank import topk_per_class_per_image
-from semiseg_d2.losses.memory_contrast import MemoryContrastTerm, memory_contrast_loss
+from semiseg_d2.losses.memory_contrast import MemoryContrastTerm
 from semiseg_d2.losses.registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 from semiseg_d2.losses.supervised import SupervisedTerm
 
@@ -132,14 +132,7 @@ class RoIMemoryContrastTerm(MemoryContrastTerm):
             return empty
         labels = torch.cat([y_l, y_u])
         is_labeled = torch.arange(labels.numel(), device=labels.device) < y_l.numel()
-        pred = self.prediction(self.projection(torch.cat([f_l, f_u]).float()))
-        s_p = self.selector.score_pixels(pred.detach(), labels)  # selectors weight features, never shape them
-        memory, valid = self.bank.get("feat"), self.bank.valid_mask()
-        s_z = self.memory_selector.score_per_class(memory, valid)
-        loss_l, _ = memory_contrast_loss(pred, labels, s_p, memory, valid, s_z, pixel_mask=is_labeled)
-        loss_u, _ = memory_contrast_loss(pred, labels, s_p, memory, valid, s_z, pixel_mask=~is_labeled)
-        step.log("roi_contrast/bank_fill", self.bank.counts.float().mean() / self.bank.size)
-        return {"loss_roi_contrast_labeled": loss_l * self.weight, "loss_roi_contrast_unlabeled": loss_u * self.weight}
+        return self.contrast_losses(step, torch.cat([f_l, f_u]).float(), labels, is_labeled, "roi_contrast")
 
     @torch.no_grad()
     def candidates(self, step: InstanceStep) -> Tuple[torch.Tensor, torch.Tensor]:
