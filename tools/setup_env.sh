@@ -15,7 +15,7 @@ TORCH_VERSION=${TORCH_VERSION:-2.14.1}
 TORCHVISION_VERSION=${TORCHVISION_VERSION:-0.29.1}
 D2_SOURCE=${D2_SOURCE:-wheel}
 stamp="$VENV/.semiseg_d2_stamp"
-want="$(cat tools/setup_env.sh setup.py requirements.txt | sha1sum | cut -c1-16)-$TORCH_VERSION-$TORCHVISION_VERSION-$D2_SOURCE"
+want="$(cat tools/setup_env.sh setup.py requirements.txt requirements-test.txt | sha1sum | cut -c1-16)-$TORCH_VERSION-$TORCHVISION_VERSION-$D2_SOURCE"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0
 fi
@@ -39,5 +39,6 @@ else
   "${pip[@]}" -r requirements.txt
   "${pip[@]}" --no-build-isolation "$D2_SOURCE"
 fi
+"${pip[@]}" --no-deps -r requirements-test.txt
 "${pip[@]}" --no-deps -e .
 echo "$want" > "$stamp"
