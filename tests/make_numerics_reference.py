@@ -7,7 +7,10 @@
 
 Each method runs ``STEPS`` real training steps of the engine (``SemiSegTrainLoop.run_step``: forward, finiteness
 check, backward, SGD step, term updates; then the ``EMAHook``) on the tiny model of tests/tiny.py and
-``fake_batch`` inputs, in fp32 on one CPU thread. Recorded: every loss of every step, and checksums of the
+``fake_batch`` inputs, in float64 on one CPU thread. float64, not fp32: these steps take discrete decisions
+(thresholds, top-k anchors, OHEM) that amplify rounding, and fp32 rounding differs between CPU models (AVX2 vs
+AVX-512 kernels, MKL code paths) enough to move step-3 losses by 5 %; in float64 the same steps agree to ~1e-12
+across ATEN_CPU_CAPABILITY=default/avx2 and MKL_CBWR=SSE4_2/AVX2, so the fixture does not depend on the machine. Recorded: every loss of every step, and checksums of the
 weights, the EMA teacher and the term state (memory banks, flow) after the last step. ``tests/test_numerics.py``
 re-runs the same steps and compares with a tolerance of 1e-5, so a speed change that alters the numbers fails.
 
@@ -84,13 +87,15 @@ def method_cfg(method: str):
 
 
 @contextmanager
-def _one_thread():
-    n = torch.get_num_threads()
+def _one_thread_float64():
+    n, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
     try:
         yield
     finally:
         torch.set_num_threads(n)
+        torch.set_default_dtype(dtype)
 
 
 def _checksum(tensors) -> float:
@@ -108,7 +113,7 @@ def run_method(method: str, steps: int = STEPS) -> dict:
 
     cfg = method_cfg(method)
     semi = cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor"
-    with _one_thread():
+    with _one_thread_float64():
         torch.manual_seed(0)
         model = build_model(cfg)
         model.train()
@@ -121,9 +126,15 @@ def run_method(method: str, steps: int = STEPS) -> dict:
             s = cfg.SEMI
             loop.register_hooks([EMAHook(s.EMA.MOMENTUM, s.EMA.SCHEDULE, s.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER)])
         captured = []
-        handle = model.register_forward_hook(
-            lambda m, args, out: captured.append({k: float(v.detach()) for k, v in out.items()})
-        )
+
+        def capture(module, args, out):
+            # a loss computed in fp32 (``.float()`` instead of utils.dtype.upcast) would bring CPU-dependent
+            # rounding back into the guard
+            low = {k: v.dtype for k, v in out.items() if v.dtype != torch.float64}
+            assert not low, f"{method}: losses not computed in float64: {low}"
+            captured.append({k: float(v.detach()) for k, v in out.items()})
+
+        handle = model.register_forward_hook(capture)
         torch.manual_seed(1)
         with EventStorage(0) as storage:
             loop.storage = storage

@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..utils.dtype import upcast
+
 # Default bound on the number of similarity entries materialised at once (64 MiB in fp32).
 DEFAULT_MAX_ELEMENTS = 2 ** 24
 
@@ -65,10 +67,10 @@ def knn_density(
                          f"and {tuple(keys.shape)}")
     Q, M = queries.shape[0], keys.shape[0]
     if M == 0 or Q == 0:
-        return queries.new_zeros(Q, dtype=torch.float32)
+        return queries.new_zeros(Q, dtype=upcast(queries).dtype)
     with torch.autocast(device_type=queries.device.type, enabled=False):
-        q = F.normalize(queries.float(), dim=1)
-        kmat = F.normalize(keys.float(), dim=1)
+        q = F.normalize(upcast(queries), dim=1)
+        kmat = F.normalize(upcast(keys), dim=1)
         kmax = min(max(ks), M)
         num_valid = torch.tensor(M, device=q.device)
         chunk = max(1, max_elements // M)
@@ -106,10 +108,10 @@ def knn_density_grouped(
     C, P, _ = queries.shape
     N = bank.shape[1]
     if N == 0 or P == 0 or C == 0:
-        return queries.new_zeros(C, P, dtype=torch.float32)
+        return queries.new_zeros(C, P, dtype=upcast(queries).dtype)
     with torch.autocast(device_type=queries.device.type, enabled=False):
-        q = F.normalize(queries.float(), dim=2)
-        b = F.normalize(bank.float(), dim=2).transpose(1, 2)  # [C, D, N]
+        q = F.normalize(upcast(queries), dim=2)
+        b = F.normalize(upcast(bank), dim=2).transpose(1, 2)  # [C, D, N]
         count = bank_count.to(device=q.device, dtype=torch.long).clamp(0, N)  # [C]
         invalid = torch.arange(N, device=q.device) >= count[:, None]  # [C, N]
         kmax = min(max(ks), N)
@@ -149,7 +151,7 @@ def knn_density_per_class(
     C = bank.shape[0]
     Q = queries.shape[0]
     if Q == 0:
-        return queries.new_zeros(0, dtype=torch.float32)
+        return queries.new_zeros(0, dtype=upcast(queries).dtype)
     cls = query_class.long()
     n = torch.bincount(cls, minlength=C)
     p_max = int(n.max())  # the one host sync
@@ -191,7 +193,7 @@ def class_density_blocked(
     P = feats.shape[0]
     N = bank.shape[1]
     if K == 0 or N == 0:
-        return feats.new_zeros(C, K, dtype=torch.float32)
+        return feats.new_zeros(C, K, dtype=upcast(feats).dtype)
     B = min(int(block), K)
     nb = -(-K // B)
     pad = nb * B - K
@@ -207,7 +209,7 @@ def class_density_blocked(
         sel, cls = blocks[start:start + chunk], block_cls[start:start + chunk]
         out.append(knn_density_grouped(feats[idx[sel]], bank[cls], bank_count[cls], ks, max_elements))
     dens = torch.cat(out)  # [G, B]
-    full = torch.zeros(C * nb + 1, B, dtype=torch.float32, device=feats.device)
+    full = dens.new_zeros(C * nb + 1, B)
     dump = torch.full_like(blocks, C * nb)
     full.index_copy_(0, torch.where(nonempty[blocks], blocks, dump), dens)
     full = full[:-1].view(C, nb * B)[:, :K]

@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..utils.dtype import upcast
+
 # FrEIA's GLOW soft clamp: s -> clamp * 0.636 * atan(s / clamp) keeps |log-scale| < ~clamp (2/pi = 0.636).
 _ATAN_GAIN = 0.636
 
@@ -175,7 +177,7 @@ def nll_gradient_direction(flow: CouplingFlow, feats: torch.Tensor, labels: Opti
         [N, D] fp32, detached. DDFP perturbs features along this direction (times a step size).
     """
     with torch.enable_grad():
-        x = feats.detach().float().requires_grad_(True)
+        x = upcast(feats.detach()).requires_grad_(True)
         nll = -flow.log_prob(x, labels).sum()
         (grad,) = torch.autograd.grad(nll, x)
     if normalize:

@@ -17,7 +17,7 @@ class ClassMemoryBank(nn.Module):
         size: N, entries kept per class.
         fields: name -> per-entry width; 0 means a scalar per entry (stored as [C, N]), D > 0 as [C, N, D].
             Default ``{"feat": 256}``. E.g. DGCL: ``{"feat": 256, "proj": 256, "density": 0}``.
-        dtype: storage dtype of every field (fp32 by default; bf16 halves memory).
+        dtype: storage dtype of every field (default: torch's default dtype, fp32; bf16 halves memory).
 
     Layout and semantics (all buffers are registered, so they are part of the state_dict / checkpoint):
         ``bank_<name>``: [C, N(, D)]; ``ptr``: [C] long, next slot to write; ``count``: [C] long, valid entries.
@@ -28,7 +28,7 @@ class ClassMemoryBank(nn.Module):
     """
 
     def __init__(self, num_classes: int, size: int, fields: Optional[Mapping[str, int]] = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         if num_classes < 1 or size < 1:
             raise ValueError(f"ClassMemoryBank: num_classes and size must be >= 1; got {num_classes}, {size}")
@@ -43,7 +43,7 @@ class ClassMemoryBank(nn.Module):
         self.fields: Dict[str, int] = {k: int(v) for k, v in fields.items()}
         for name, width in self.fields.items():
             shape = (num_classes, size) + ((width,) if width > 0 else ())
-            self.register_buffer(f"bank_{name}", torch.zeros(shape, dtype=dtype))
+            self.register_buffer(f"bank_{name}", torch.zeros(shape, dtype=dtype or torch.get_default_dtype()))
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))
 

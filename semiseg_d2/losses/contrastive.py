@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.dtype import upcast
+
 
 class ProjectionHead(nn.Module):
     """Per-pixel MLP ``Linear - BatchNorm1d - ReLU - Linear`` on rows ``[N, in_dim] -> [N, out_dim]``
@@ -146,7 +148,7 @@ def info_nce(
     Returns:
         [..., A] fp32 per-anchor loss (0 when there are no valid negatives). Computed in fp32.
     """
-    a, p, n = anchors.float(), positives.float(), negatives.float()
+    a, p, n = upcast(anchors), upcast(positives), upcast(negatives)
     if normalize:
         a, p, n = F.normalize(a, dim=-1), F.normalize(p, dim=-1), F.normalize(n, dim=-1)
     pos = (a * p).sum(-1, keepdim=True) / temperature  # [..., A, 1]

@@ -25,6 +25,7 @@ from detectron2.utils.logger import log_every_n_seconds
 from torch import nn
 
 from ..layers.flow import CouplingFlow
+from ..utils.dtype import upcast
 from .pseudo_label import pseudo_label_cross_entropy, threshold_keep_mask
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
@@ -85,7 +86,7 @@ def density_descending_perturbation(
         # where, not multiply: a non-finite NLL outside the mask must not reach the gradient
         nll = torch.where(mask.reshape(-1), nll, torch.zeros_like(nll)).sum()
         (grad,) = torch.autograd.grad(nll, x)
-    direction = F.normalize(grad.float(), p=2, dim=1, eps=1e-12)
+    direction = F.normalize(upcast(grad), p=2, dim=1, eps=1e-12)
     finite = torch.isfinite(direction).all(dim=1, keepdim=True)
     delta = torch.where(finite, direction * eps, torch.zeros_like(direction))
     return delta.to(decoder_input.dtype)
@@ -117,7 +118,7 @@ def flow_nll(flow: CouplingFlow, feats: torch.Tensor, labels: torch.Tensor, weig
     marginal = torch.logsumexp(lp, dim=1) - math.log(flow.num_classes)
     conditional = lp.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
     ll = torch.where(labels >= 0, conditional, marginal)
-    w = weight.float()
+    w = upcast(weight)
     ll = torch.where(w > 0, ll, torch.zeros_like(ll))
     return -(ll * w).sum() / w.sum().clamp_min(1.0)
 
@@ -308,7 +309,7 @@ class DDFPTerm(SemiLossTerm):
         x_l = gather_pixels(feats_l, index.clamp_max(n_l - 1)) if n_l else None
         x_u = gather_pixels(feats_u, (index - n_l).clamp_min(0))
         x = x_u if x_l is None else torch.where(from_l[:, None], x_l, x_u)
-        x = x.float()
+        x = upcast(x)
         if self.flow_noise > 0:
             x = x + self.flow_noise * torch.randn_like(x)
         return x, labels[index], weight.float()

@@ -24,6 +24,7 @@ from detectron2.config import configurable
 from ..layers.density import class_density_blocked, knn_density_grouped
 from ..layers.distributed import gather_for_enqueue
 from ..layers.memory_bank import ClassMemoryBank
+from ..utils.dtype import upcast
 from .contrastive import (
     ProjectionHead,
     flatten_pixels,
@@ -46,7 +47,8 @@ def topk_valid(values: torch.Tensor, valid: torch.Tensor, k: int, largest: bool)
     """
     k = min(int(k), values.shape[-1])
     fill = float("-inf") if largest else float("inf")
-    masked = torch.where(valid, values.float(), torch.full_like(values, fill, dtype=torch.float32))
+    values = upcast(values)
+    masked = torch.where(valid, values, torch.full_like(values, fill))
     position = masked.topk(k, dim=-1, largest=largest, sorted=True).indices
     ok = torch.arange(k, device=values.device) < valid.sum(-1, keepdim=True)
     return position, ok
@@ -70,7 +72,7 @@ def masked_prototype(positives: torch.Tensor, positive_ok: torch.Tensor) -> torc
     """Mean of the valid (un-normalised) positive keys: positives [C, P, D], positive_ok [C, P] -> [C, D]
     fp32 (zeros for a class without valid keys)."""
     w = positive_ok.float().unsqueeze(-1)
-    return (positives.float() * w).sum(1) / w.sum(1).clamp_min(1.0)
+    return (upcast(positives) * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
 def dgcl_contrastive_loss(
@@ -214,7 +216,7 @@ class DGCLTerm(SemiLossTerm):
         gt = step.labeled_targets
         if gt.shape[-2:] != (h, w):
             gt = F.interpolate(gt[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
-        logits = step.teacher_weak["logits"].float()
+        logits = upcast(step.teacher_weak["logits"])
         if logits.shape[-2:] != (h, w):
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         probs = logits.softmax(1)
@@ -268,10 +270,10 @@ class DGCLTerm(SemiLossTerm):
         )
         a_pos, a_ok, p_pos, p_ok = select_anchors_and_positives(density, valid, self.num_anchors, self.num_positives)
         anchors = proj[index.gather(1, a_pos)]  # [C, A, Dp]
-        batch_pos = proj.detach()[index.gather(1, p_pos)].float()  # [C, Pp, Dp]
+        batch_pos = upcast(proj.detach()[index.gather(1, p_pos)])  # [C, Pp, Dp]
         m_pos, m_ok = topk_valid(self.bank.get("density"), self.bank.valid_mask(), self.num_positives, largest=True)
         bank_proj = self.bank.get("proj")
-        mem_pos = bank_proj.gather(1, m_pos[..., None].expand(-1, -1, bank_proj.shape[-1])).float()
+        mem_pos = upcast(bank_proj.gather(1, m_pos[..., None].expand(-1, -1, bank_proj.shape[-1])))
         prototypes = masked_prototype(torch.cat([batch_pos, mem_pos], 1), torch.cat([p_ok, m_ok], 1))
         n_index, n_ok = sample_negatives_per_class(labels, C, self.num_negatives, generator=generator)
         negatives = proj.detach()[n_index]
@@ -303,7 +305,7 @@ class DGCLTerm(SemiLossTerm):
             proj = None
         if self.bank_source == "teacher":
             # The engine runs the teacher on weak views only: labeled entries stay student features.
-            feats = torch.cat([step.student_labeled["features"].detach().float(), step.teacher_weak["features"].float()])
+            feats = torch.cat([upcast(step.student_labeled["features"].detach()), upcast(step.teacher_weak["features"])])
             proj = None
         f = flatten_pixels(feats)
         if proj is None:
@@ -318,7 +320,7 @@ class DGCLTerm(SemiLossTerm):
         index, valid = group_pixels_by_class(labels, C, U)  # local pre-selection, fixed size [C, U]
         index, valid = index.reshape(-1), valid.reshape(-1)
         lab = torch.where(valid, labels[index], torch.full_like(index, self.ignore_value))
-        values = {"feat": feats[index].float(), "proj": proj[index].float()}
+        values = {"feat": upcast(feats[index]), "proj": upcast(proj[index])}
         values, lab = gather_for_enqueue(values, lab)
         gen = torch.Generator(device=lab.device)
         gen.manual_seed((self.seed * 1_000_003 + int(iteration)) % (2 ** 63))

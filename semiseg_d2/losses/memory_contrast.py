@@ -22,6 +22,7 @@ from torch import nn
 from ..layers.distributed import gather_for_enqueue
 from ..layers.ema import ema_momentum, ema_update_
 from ..layers.memory_bank import ClassMemoryBank, topk_per_class_per_image
+from ..utils.dtype import upcast
 from .contrastive import ProjectionHead, flatten_pixels, resize_labels
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
@@ -57,7 +58,7 @@ class ClassBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_classes, dim))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x.float()
+        x = upcast(x)
         if self.training:
             C, H = self.running_mean.shape
             w = torch.ones_like(labels, dtype=x.dtype) if mask is None else mask.to(x.dtype)
@@ -114,12 +115,13 @@ class ClassAttentionSelectors(nn.Module):
         labels = labels.clamp(0, C - 1)
         w_all = self.weight1.to(x.dtype).permute(1, 0, 2).reshape(D, C * H)
         h = (x @ w_all).view(-1, C, H)  # every class's first layer; only the row's own class is kept
-        h = h.gather(1, labels[:, None, None].expand(-1, 1, H))[:, 0].float() + self.bias1[labels]
+        h = h.gather(1, labels[:, None, None].expand(-1, 1, H))[:, 0]
+        h = upcast(h) + self.bias1[labels]
         return self._tail(h, labels, mask)
 
     def score_per_class(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         C, M, _ = x.shape
-        h = torch.baddbmm(self.bias1[:, None, :], x.float(), self.weight1.float())  # [C, M, H]
+        h = torch.baddbmm(self.bias1[:, None, :], upcast(x), upcast(self.weight1))  # [C, M, H]
         labels = torch.arange(C, device=x.device).repeat_interleave(M)
         return self._tail(h.reshape(C * M, -1), labels, valid.reshape(-1)).view(C, M)
 
@@ -153,13 +155,13 @@ def memory_contrast_loss(
     if pixel_mask is not None:
         in_range = in_range & pixel_mask.reshape(-1)
     lab = labels.clamp(0, C - 1)
-    s_z = memory_scores.float() * memory_valid.float()  # [C, M]
-    z_hat = F.normalize(memory.float(), dim=-1)
+    s_z = upcast(memory_scores) * memory_valid.float()  # [C, M]
+    z_hat = F.normalize(upcast(memory), dim=-1)
     s_z_sum = s_z.sum(1)  # [C]
     m = (s_z[:, :, None] * z_hat).sum(1) / s_z_sum.clamp_min(1e-12)[:, None]  # [C, D]
-    p_hat = F.normalize(pred.float(), dim=-1)
+    p_hat = F.normalize(upcast(pred), dim=-1)
     dist = 1.0 - (p_hat * m[lab]).sum(-1)  # [N]: sum_z w_z (1 - cos) / N_z
-    s_p = pred_scores.float() * in_range.float()
+    s_p = upcast(pred_scores) * in_range.float()
     num = dist.new_zeros(C).index_add_(0, lab, s_p * dist)
     den = dist.new_zeros(C).index_add_(0, lab, s_p)
     has = (den > 0) & memory_valid.any(1)
@@ -175,7 +177,7 @@ def quality_filter(
     logits: [B, C, h, w] teacher logits at the feature resolution; targets: [B, h, w] long (ignore outside [0, C)).
     Returns (keep bool[B, h, w], confidence [B, h, w]).
     """
-    probs = logits.float().softmax(1)
+    probs = upcast(logits).softmax(1)
     confidence, pred = probs.max(1)
     keep = (pred == targets) & (confidence > threshold) & (targets >= 0) & (targets < num_classes)
     return keep, confidence
@@ -339,7 +341,7 @@ class MemoryContrastTerm(SemiLossTerm):
         fl = step.student_labeled["features"]
         fu = step.student_strong["features"]
         self._check_dim(fl, "student, labeled")
-        zero = fl.new_zeros(()).float()
+        zero = upcast(fl.new_zeros(()))
         if step.iteration < self.start_iter:
             return {"loss_memory_contrast_labeled": zero, "loss_memory_contrast_unlabeled": zero}
         size = fl.shape[-2:]
@@ -398,7 +400,7 @@ class MemoryContrastTerm(SemiLossTerm):
         self._check_dim(feats, "teacher, labeled")
         B, _, h, w = feats.shape
         if logits.shape[-2:] != feats.shape[-2:]:
-            logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+            logits = F.interpolate(upcast(logits), size=(h, w), mode="bilinear", align_corners=False)
         targets = resize_labels(step.labeled_targets, (h, w))
         keep, _ = quality_filter(logits, targets, self.confidence_threshold, self.num_classes)
         source = self._source_mask(step, B, keep.device)
@@ -407,7 +409,7 @@ class MemoryContrastTerm(SemiLossTerm):
         idx = keep.reshape(-1).nonzero().squeeze(1)
         labels = targets.reshape(-1)[idx]
         image = torch.div(idx, h * w, rounding_mode="floor")
-        z = self.teacher_projection(flatten_pixels(feats)[idx].float())
+        z = self.teacher_projection(upcast(flatten_pixels(feats)[idx]))
         scores = self.teacher_memory_selector.score_pixels(z, labels)
         top = topk_per_class_per_image(scores, labels, image, self.per_class_per_image, self.num_classes, B)
         return z[top], labels[top]
@@ -448,7 +450,7 @@ class EntropyTerm(SemiLossTerm):
         valid = step.teacher_strong["valid"]
         if logits.shape[-2:] != valid.shape[-2:]:
             logits = F.interpolate(logits, size=valid.shape[-2:], mode="bilinear", align_corners=False)
-        logp = F.log_softmax(logits.float(), dim=1)
+        logp = F.log_softmax(upcast(logits), dim=1)
         ent = -(logp.exp() * logp).sum(1)
         loss = (ent * valid.float()).sum() / valid.sum().clamp_min(1).float()
         if self.normalize:

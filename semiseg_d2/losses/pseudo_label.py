@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 
+from ..utils.dtype import upcast
+
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
 
 def softmax_entropy(probs: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Entropy ``-sum p log p`` over ``dim`` (``probs [B,C,H,W]`` -> ``[B,H,W]``), computed in fp32."""
-    p = probs.float()
+    p = upcast(probs)
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
 
 
@@ -36,7 +38,8 @@ def entropy_keep_mask(entropy: torch.Tensor, valid: torch.Tensor, drop_percent) 
 
     entropy: [B,H,W] float; valid: [B,H,W] bool; drop_percent: float or 0-d tensor -> [B,H,W] bool.
     """
-    flat = torch.where(valid, entropy.float(), torch.full_like(entropy, float("-inf"), dtype=torch.float32))
+    entropy = upcast(entropy)
+    flat = torch.where(valid, entropy, torch.full_like(entropy, float("-inf")))
     flat = flat.flatten()
     order = torch.argsort(flat, descending=True, stable=True)
     rank = torch.empty_like(order)
@@ -77,7 +80,7 @@ def pseudo_label_cross_entropy(
     if logits.shape[-2:] != pseudo_label.shape[-2:]:
         logits = F.interpolate(logits, size=pseudo_label.shape[-2:], mode="bilinear", align_corners=False)
     target = torch.where(keep, pseudo_label, torch.zeros_like(pseudo_label))
-    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    ce = F.cross_entropy(upcast(logits), target, reduction="none")
     w = keep.float() if pixel_weight is None else keep.float() * pixel_weight.float()
     if normalize == "all":
         denom = valid.sum()

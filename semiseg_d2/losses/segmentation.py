@@ -8,12 +8,14 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
+from ..utils.dtype import upcast
+
 __all__ = ["upsample_logits", "sem_seg_cross_entropy", "ohem_cross_entropy"]
 
 
 def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
     """``logits: [B, C, h, w]`` -> ``[B, C, *size]`` float32 (no-op resize when the size already matches)."""
-    logits = logits.float()
+    logits = upcast(logits)
     if tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
     return logits

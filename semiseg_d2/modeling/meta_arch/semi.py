@@ -28,6 +28,7 @@ from ...evaluation.visualize import denormalize
 from ...losses.pseudo_label import softmax_entropy
 from ...losses.registry import build_loss_terms
 from ...losses.step import SemiStep
+from ...utils.dtype import upcast
 from .segmentor import Segmentor
 from .teacher_student import TeacherStudent
 
@@ -171,7 +172,7 @@ class SemiSegmentor(TeacherStudent):
         with torch.inference_mode(), ctx:
             out = self.teacher.extract(images)
         # Leave inference mode: terms use these as targets of autograd ops.
-        out = {k: v.clone().float() for k, v in out.items() if v is not None}
+        out = {k: upcast(v.clone()) for k, v in out.items() if v is not None}
         logits = F.interpolate(out["logits"], size=images.shape[-2:], mode="bilinear", align_corners=False)
         probs = logits.softmax(1)
         confidence, pseudo_label = probs.max(1)
