@@ -127,6 +127,12 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.LOSSES = ["supervised", "pseudo_label"]  # loss terms from SEMI_LOSS_REGISTRY, in order
     cfg.SEMI.BURN_IN_ITERS = 0  # supervised-only iterations; the teacher is then copied from the student
     cfg.SEMI.WEIGHTS_FOR_EXPORT = "teacher"  # which network tools/export_model.py writes by default
+    # Where the teacher outputs come from. "ema": the EMA teacher (a frozen copy, eval-mode BN, SEMI.EMA.*).
+    # "student" (UniMatch V1): no copy; the student itself without gradient: its weak-view maps are the detached
+    # outputs of its train-mode pass over cat(labeled, weak), the mixing partners' maps come from a no-grad
+    # eval-mode pass (BN running statistics), as UniMatch's model.eval() on img_u_w_mix. No teacher exists:
+    # TEST.EVAL_TEACHER and SEMI.WEIGHTS_FOR_EXPORT "teacher" are errors, SEMI.EMA.* is unused.
+    cfg.SEMI.TEACHER_MODE = "ema"
     cfg.SEMI.EMA = CN()
     cfg.SEMI.EMA.MOMENTUM = 0.999
     # "constant": m; "warm_start": min(1 - 1/(it+1), m) (DGCL/U2PL);
@@ -253,6 +259,18 @@ def check_semiseg_config(cfg: CN) -> None:
         raise RuntimeError(
             f"MODEL.DEVICE is '{cfg.MODEL.DEVICE}' (the GPU recipes' default) but no CUDA GPU is available: add "
             "`MODEL.DEVICE cpu SOLVER.AMP.ENABLED False MODEL.CHANNELS_LAST False` to run on the CPU (slowly)"
+        )
+
+
+def check_teacher_mode(cfg: CN) -> None:
+    """``SEMI.TEACHER_MODE "student"`` has no teacher network: keys that name one are errors, not ignored."""
+    if cfg.SEMI.TEACHER_MODE != "student":
+        return
+    if cfg.TEST.EVAL_TEACHER:
+        raise ValueError("SEMI.TEACHER_MODE 'student' has no teacher network to evaluate: set TEST.EVAL_TEACHER False")
+    if cfg.SEMI.WEIGHTS_FOR_EXPORT == "teacher":
+        raise ValueError(
+            "SEMI.TEACHER_MODE 'student' has no teacher network to export: set SEMI.WEIGHTS_FOR_EXPORT 'student'"
         )
 
 

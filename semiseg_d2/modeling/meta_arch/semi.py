@@ -6,6 +6,12 @@ One training step (docs/architecture.md):
   2. mixing masks (CutMix / ClassMix) applied to the strong views and to the teacher maps alike;
   3. the student runs ONCE on cat(labeled, strong[, weak]) and its outputs are split per part;
   4. each loss term reads the SemiStep record and returns named, weighted losses.
+With ``SEMI.TEACHER_MODE "student"`` (UniMatch V1: no EMA copy) steps 1 and 3 become two student passes:
+  1'. the student (train-mode BN, with autograd) on cat(labeled, weak); its weak outputs, detached, are the
+      teacher maps of the weak views; the maps pasted in from the mixing partners come from a separate
+      no-grad pass of the student in eval mode (BN running statistics) on the weak views, as UniMatch
+      predicts its mixing partners with ``model.eval()``;
+  3'. the student (train-mode BN) on the mixed strong views.
 After the optimizer step the trainer calls :meth:`after_optimizer_step` (stateful terms update their
 memory banks / flows); the EMA hook then updates the teacher. The task-agnostic half (teacher copy, burn-in,
 running the terms, metrics, state updates) is :class:`TeacherStudent`, shared with projects/SemiInstance.
@@ -22,7 +28,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-from ...config import check_semiseg_config
+from ...config import check_semiseg_config, check_teacher_mode
 from ...data.transforms import classmix_masks, cutmix_masks, mix, shifted_partner_index
 from ...evaluation.visualize import denormalize
 from ...losses.pseudo_label import softmax_entropy
@@ -63,10 +69,11 @@ class SemiSegmentor(TeacherStudent):
         cutmix_ratio: Tuple[float, float] = (0.3, 1 / 0.3),
         student_weak: bool = False,
         teacher_autocast: bool = True,
+        teacher_mode: str = "ema",
     ):
         if mix_type not in _MIX_TYPES:
             raise ValueError(f"SEMI.MIX.TYPE: unknown '{mix_type}'; known: {', '.join(_MIX_TYPES)}")
-        super().__init__(student, terms, max_iter, burn_in_iters)
+        super().__init__(student, terms, max_iter, burn_in_iters, teacher_mode)
         self.mix_type = mix_type
         self.mix_prob = mix_prob
         self.cutmix_area = tuple(cutmix_area)
@@ -80,6 +87,7 @@ class SemiSegmentor(TeacherStudent):
     @classmethod
     def from_config(cls, cfg):
         check_semiseg_config(cfg)
+        check_teacher_mode(cfg)
         m = cfg.SEMI.MIX
         return dict(
             student=Segmentor(cfg),
@@ -92,6 +100,7 @@ class SemiSegmentor(TeacherStudent):
             cutmix_ratio=m.CUTMIX_RATIO,
             student_weak=cfg.SEMI.STUDENT_WEAK,
             teacher_autocast=cfg.SEMI.TEACHER_AUTOCAST,
+            teacher_mode=cfg.SEMI.TEACHER_MODE,
         )
 
     @property
@@ -166,12 +175,25 @@ class SemiSegmentor(TeacherStudent):
 
     @torch.no_grad()
     def _teacher_outputs(self, images: torch.Tensor, valid: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Teacher on normalised images -> fp32 maps at crop resolution + head outputs (one pass)."""
+        """Teacher on normalised images -> fp32 maps at crop resolution + head outputs (one pass).
+        ``SEMI.TEACHER_MODE "student"``: the student in eval mode (BN running statistics) stands in for it."""
         ctx = nullcontext() if self.teacher_autocast else torch.autocast(images.device.type, enabled=False)
-        with torch.inference_mode(), ctx:
-            out = self.teacher.extract(images)
+        network = self.teacher if self.teacher is not None else self.student
+        was_training = network.training
+        network.eval()
+        try:
+            with torch.inference_mode(), ctx:
+                out = network.extract(images)
+        finally:
+            network.train(was_training)
         # Leave inference mode: terms use these as targets of autograd ops.
-        out = {k: v.clone().float() for k, v in out.items() if v is not None}
+        return self._teacher_maps({k: v.clone() for k, v in out.items() if v is not None}, images, valid)
+
+    @torch.no_grad()
+    def _teacher_maps(self, out: Dict[str, torch.Tensor], images: torch.Tensor, valid: torch.Tensor):
+        """Head outputs (detached) -> fp32 copies + ``probs``/``confidence``/``pseudo_label``/``entropy``/``valid``
+        at crop resolution (pseudo-labels are ``ignore_value`` where not ``valid``)."""
+        out = {k: v.detach().float() for k, v in out.items() if v is not None}
         logits = F.interpolate(out["logits"], size=images.shape[-2:], mode="bilinear", align_corners=False)
         probs = logits.softmax(1)
         confidence, pseudo_label = probs.max(1)
@@ -217,6 +239,8 @@ class SemiSegmentor(TeacherStudent):
         valid = self._stack(unlabeled, "valid", torch.bool)
         weak = student.normalize(self._stack(unlabeled, "image"))
         strong = student.normalize(self._stack(unlabeled, "image_strong"))
+        if self.teacher_mode == "student":
+            return self._student_teacher_step(images_l, weak, strong, valid, common)
         teacher_labeled = {}
         if self.teacher_labeled:
             # One teacher pass over both (eval-mode BN: batching does not change the result).
@@ -226,15 +250,7 @@ class SemiSegmentor(TeacherStudent):
         else:
             teacher_weak = self._teacher_outputs(weak, valid)
 
-        bu = weak.shape[0]
-        partner = shifted_partner_index(bu, device=weak.device)
-        mask = self._mix_masks(teacher_weak["pseudo_label"], partner)
-        strong = mix(strong, mask, partner)
-        teacher_strong = {
-            k: mix(teacher_weak[k], mask, partner)
-            for k in ("probs", "confidence", "pseudo_label", "entropy", "valid")
-        }
-
+        mask, partner, strong, teacher_strong = self._mixed(strong, teacher_weak, teacher_weak)
         parts = [images_l, strong] + ([weak] if self.student_weak else [])
         outputs = student.extract(torch.cat(parts))
         split = split_outputs(outputs, [p.shape[0] for p in parts])
@@ -242,6 +258,52 @@ class SemiSegmentor(TeacherStudent):
             student_labeled=split[0],
             student_strong=split[1],
             student_weak=split[2] if self.student_weak else {},
+            teacher_weak=teacher_weak,
+            teacher_strong=teacher_strong,
+            teacher_labeled=teacher_labeled,
+            unlabeled_valid=valid,
+            mix_mask=mask,
+            mix_partner=partner,
+            weak_images=weak,
+            strong_images=strong,
+            **common,
+        )
+
+    def _mixed(self, strong: torch.Tensor, own: Dict[str, torch.Tensor], partners: Dict[str, torch.Tensor]):
+        """Draw the mixing masks and mix ``strong`` and the teacher maps alike: pixels inside a mask come from
+        the partner image (its strong view, its maps in ``partners``), the rest from ``own``.
+        Returns ``(mask, partner, mixed strong, teacher_strong)``."""
+        partner = shifted_partner_index(strong.shape[0], device=strong.device)
+        mask = self._mix_masks(partners["pseudo_label"], partner)
+        teacher_strong = {
+            k: mix(own[k], mask, partner, source=partners[k])
+            for k in ("probs", "confidence", "pseudo_label", "entropy", "valid")
+        }
+        return mask, partner, mix(strong, mask, partner), teacher_strong
+
+    def _student_teacher_step(self, images_l, weak, strong, valid, common) -> SemiStep:
+        """``SEMI.TEACHER_MODE "student"`` (UniMatch V1): the teacher maps are the student's own, without gradient.
+
+        Pass 1 (train-mode BN, autograd): cat(labeled, weak), as UniMatch's ``model(cat(img_x, img_u_w))``;
+        the weak outputs, detached, are ``teacher_weak`` (and the labeled ones ``teacher_labeled``). The
+        mixing partners' maps come from a no-grad eval-mode pass on the weak views (UniMatch: ``model.eval()``
+        on ``img_u_w_mix``). Pass 2 (train-mode BN): the mixed strong views.
+        """
+        student = self.student
+        # First, as UniMatch: the eval pass sees the BN running statistics before this step's passes update them.
+        partners = self._teacher_outputs(weak, valid)
+        bl = images_l.shape[0]
+        first = split_outputs(student.extract(torch.cat([images_l, weak])), [bl, weak.shape[0]])
+        teacher_weak = self._teacher_maps(first[1], weak, valid)
+        teacher_labeled = {}
+        if self.teacher_labeled:
+            valid_l = torch.ones(images_l.shape[0], *images_l.shape[-2:], dtype=torch.bool, device=valid.device)
+            teacher_labeled = self._teacher_maps(first[0], images_l, valid_l)
+        mask, partner, strong, teacher_strong = self._mixed(strong, teacher_weak, partners)
+        return SemiStep(
+            student_labeled=first[0],
+            student_strong=student.extract(strong),
+            student_weak=first[1],
             teacher_weak=teacher_weak,
             teacher_strong=teacher_strong,
             teacher_labeled=teacher_labeled,
