@@ -79,6 +79,8 @@ class SemiSegmentor(TeacherStudent):
         self.cutmix_area = tuple(cutmix_area)
         self.cutmix_ratio = tuple(cutmix_ratio)
         self.student_weak = student_weak or any(t.needs_student_weak for t in terms.values())
+        self.second_strong = any(t.needs_second_strong for t in terms.values())
+        self.fp_dropout = max([float(t.feature_dropout) for t in terms.values()] + [0.0])
         self.teacher_labeled = any(t.needs_teacher_labeled for t in terms.values())
         self.teacher_autocast = teacher_autocast
         self.keep_vis = 0  # images per part to copy into vis_record on this step (set by TrainingVisHook)
@@ -239,26 +241,56 @@ class SemiSegmentor(TeacherStudent):
         valid = self._stack(unlabeled, "valid", torch.bool)
         weak = student.normalize(self._stack(unlabeled, "image"))
         strong = student.normalize(self._stack(unlabeled, "image_strong"))
+        teacher_labeled, first = {}, None
         if self.teacher_mode == "student":
-            return self._student_teacher_step(images_l, weak, strong, valid, common)
-        teacher_labeled = {}
-        if self.teacher_labeled:
+            # UniMatch V1 (no EMA copy). First the eval-mode pass: it sees the BN running statistics of before
+            # this step's train-mode passes update them, as UniMatch's model.eval() on its mix batch.
+            partners = self._teacher_outputs(weak, valid)
+            first = self._weak_pass(images_l, weak)
+            own = self._teacher_maps(first[1], weak, valid)
+            if self.teacher_labeled:
+                valid_l = torch.ones_like(targets, dtype=torch.bool)
+                teacher_labeled = self._teacher_maps(first[0], images_l, valid_l)
+        elif self.teacher_labeled:
             # One teacher pass over both (eval-mode BN: batching does not change the result).
             valid_l = torch.ones_like(targets, dtype=torch.bool)
             both = self._teacher_outputs(torch.cat([weak, images_l]), torch.cat([valid, valid_l]))
-            teacher_weak, teacher_labeled = split_outputs(both, [weak.shape[0], images_l.shape[0]])
+            own, teacher_labeled = split_outputs(both, [weak.shape[0], images_l.shape[0]])
+            partners = own
         else:
-            teacher_weak = self._teacher_outputs(weak, valid)
+            own = partners = self._teacher_outputs(weak, valid)
 
-        mask, partner, strong, teacher_strong = self._mixed(strong, teacher_weak, teacher_weak)
-        parts = [images_l, strong] + ([weak] if self.student_weak else [])
-        outputs = student.extract(torch.cat(parts))
-        split = split_outputs(outputs, [p.shape[0] for p in parts])
+        partner = shifted_partner_index(weak.shape[0], device=weak.device)
+        mask, strong, teacher_strong = self._mix_stream(strong, own, partners, partner)
+        stream2 = dict(strong_images2=None, student_strong2={}, teacher_strong2={}, mix_mask2=None)
+        strongs = [strong]
+        if self.second_strong:
+            # Its own photometric draw (mapper) and its own CutMix boxes; the same partner images (UniMatch).
+            mask2, strong2, teacher_strong2 = self._mix_stream(self._strong2(unlabeled), own, partners, partner)
+            stream2.update(strong_images2=strong2, teacher_strong2=teacher_strong2, mix_mask2=mask2)
+            strongs.append(strong2)
+
+        weak_fp = {}
+        if first is None and not self.fp_dropout:
+            # One student pass over every part (the default engine).
+            parts = [images_l, *strongs] + ([weak] if self.student_weak else [])
+            split = split_outputs(student.extract(torch.cat(parts)), [p.shape[0] for p in parts])
+            student_labeled, student_weak = split[0], split[-1] if self.student_weak else {}
+            student_strongs = split[1 : 1 + len(strongs)]
+        else:
+            # UniMatch's two passes: cat(labeled, weak) (with the fp stream), then the strong views.
+            if first is None:
+                first = self._weak_pass(images_l, weak)
+            student_labeled, student_weak, weak_fp = first
+            student_strongs = split_outputs(student.extract(torch.cat(strongs)), [x.shape[0] for x in strongs])
+        if self.second_strong:
+            stream2["student_strong2"] = student_strongs[1]
         return SemiStep(
-            student_labeled=split[0],
-            student_strong=split[1],
-            student_weak=split[2] if self.student_weak else {},
-            teacher_weak=teacher_weak,
+            student_labeled=student_labeled,
+            student_strong=student_strongs[0],
+            student_weak=student_weak,
+            student_weak_fp=weak_fp,
+            teacher_weak=own,
             teacher_strong=teacher_strong,
             teacher_labeled=teacher_labeled,
             unlabeled_valid=valid,
@@ -266,51 +298,37 @@ class SemiSegmentor(TeacherStudent):
             mix_partner=partner,
             weak_images=weak,
             strong_images=strong,
+            **stream2,
             **common,
         )
 
-    def _mixed(self, strong: torch.Tensor, own: Dict[str, torch.Tensor], partners: Dict[str, torch.Tensor]):
-        """Draw the mixing masks and mix ``strong`` and the teacher maps alike: pixels inside a mask come from
-        the partner image (its strong view, its maps in ``partners``), the rest from ``own``.
-        Returns ``(mask, partner, mixed strong, teacher_strong)``."""
-        partner = shifted_partner_index(strong.shape[0], device=strong.device)
+    def _strong2(self, unlabeled: List[dict]) -> torch.Tensor:
+        if any("image_strong2" not in u for u in unlabeled):
+            raise KeyError(
+                "a SEMI.LOSSES term needs a second strong view (needs_second_strong) but an unlabeled record has no "
+                "'image_strong2': build the loader with UnlabeledDatasetMapper(cfg) (it makes one for such terms)"
+            )
+        return self.student.normalize(self._stack(unlabeled, "image_strong2"))
+
+    def _weak_pass(self, images_l: torch.Tensor, weak: torch.Tensor):
+        """The student (train mode) on cat(labeled, weak) -> ``(labeled, weak, weak_fp)`` output dicts;
+        ``weak_fp`` (with ``fp_dropout``) decodes the perturbed backbone features in the same head batch."""
+        sizes = [images_l.shape[0], weak.shape[0]]
+        if not self.fp_dropout:
+            labeled, weak_out = split_outputs(self.student.extract(torch.cat([images_l, weak])), sizes)
+            return labeled, weak_out, {}
+        clean, perturbed = self.student.extract_fp(torch.cat([images_l, weak]), self.fp_dropout)
+        labeled, weak_out = split_outputs(clean, sizes)
+        return labeled, weak_out, split_outputs(perturbed, sizes)[1]
+
+    def _mix_stream(self, strong: torch.Tensor, own: Dict[str, torch.Tensor], partners: Dict[str, torch.Tensor],
+                    partner: torch.Tensor):
+        """Draw one stream's mixing masks and mix its strong images and the teacher maps alike: pixels inside a
+        mask come from the partner image (its strong view; its maps in ``partners``), the rest from ``own``.
+        Returns ``(mask, mixed strong, teacher maps of the stream)``."""
         mask = self._mix_masks(partners["pseudo_label"], partner)
-        teacher_strong = {
+        maps = {
             k: mix(own[k], mask, partner, source=partners[k])
             for k in ("probs", "confidence", "pseudo_label", "entropy", "valid")
         }
-        return mask, partner, mix(strong, mask, partner), teacher_strong
-
-    def _student_teacher_step(self, images_l, weak, strong, valid, common) -> SemiStep:
-        """``SEMI.TEACHER_MODE "student"`` (UniMatch V1): the teacher maps are the student's own, without gradient.
-
-        Pass 1 (train-mode BN, autograd): cat(labeled, weak), as UniMatch's ``model(cat(img_x, img_u_w))``;
-        the weak outputs, detached, are ``teacher_weak`` (and the labeled ones ``teacher_labeled``). The
-        mixing partners' maps come from a no-grad eval-mode pass on the weak views (UniMatch: ``model.eval()``
-        on ``img_u_w_mix``). Pass 2 (train-mode BN): the mixed strong views.
-        """
-        student = self.student
-        # First, as UniMatch: the eval pass sees the BN running statistics before this step's passes update them.
-        partners = self._teacher_outputs(weak, valid)
-        bl = images_l.shape[0]
-        first = split_outputs(student.extract(torch.cat([images_l, weak])), [bl, weak.shape[0]])
-        teacher_weak = self._teacher_maps(first[1], weak, valid)
-        teacher_labeled = {}
-        if self.teacher_labeled:
-            valid_l = torch.ones(images_l.shape[0], *images_l.shape[-2:], dtype=torch.bool, device=valid.device)
-            teacher_labeled = self._teacher_maps(first[0], images_l, valid_l)
-        mask, partner, strong, teacher_strong = self._mixed(strong, teacher_weak, partners)
-        return SemiStep(
-            student_labeled=first[0],
-            student_strong=student.extract(strong),
-            student_weak=first[1],
-            teacher_weak=teacher_weak,
-            teacher_strong=teacher_strong,
-            teacher_labeled=teacher_labeled,
-            unlabeled_valid=valid,
-            mix_mask=mask,
-            mix_partner=partner,
-            weak_images=weak,
-            strong_images=strong,
-            **common,
-        )
+        return mask, mix(strong, mask, partner), maps
