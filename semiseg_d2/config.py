@@ -193,6 +193,18 @@ def add_semiseg_config(cfg: CN) -> CN:
     # "pseudo_label" (confident pixels, class-conditional on the teacher's pseudo-label, THRESHOLD)
     cfg.SEMI.DDFP.FLOW_UNLABELED_TARGET = "mixture"
 
+    # unimatch term (losses/unimatch.py, docs/methods/unimatch.md): Yang et al. CVPR 2023 (V1). The official total
+    # (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 = SEMI.SUPERVISED.WEIGHT 0.5 (the configs) + LOSS_SCALE * (...).
+    # Each part: CE summed over pixels with teacher confidence >= THRESHOLD / the stream's non-ignored pixels.
+    # Asks the engine for the second strong stream and (FP_DROPOUT > 0) the feature-perturbation stream.
+    cfg.SEMI.UNIMATCH = CN()
+    cfg.SEMI.UNIMATCH.THRESHOLD = 0.95  # conf_thresh (official: VOC 0.95; Cityscapes 0 in the current code)
+    cfg.SEMI.UNIMATCH.WEIGHT_S1 = 0.25  # first strong stream (image_strong, boxes mix_mask)
+    cfg.SEMI.UNIMATCH.WEIGHT_S2 = 0.25  # second strong stream (image_strong2, boxes mix_mask2)
+    cfg.SEMI.UNIMATCH.WEIGHT_FP = 0.5  # feature-perturbed weak view (must be 0 when FP_DROPOUT is 0)
+    cfg.SEMI.UNIMATCH.LOSS_SCALE = 0.5  # the official "/ 2", on the three parts above
+    cfg.SEMI.UNIMATCH.FP_DROPOUT = 0.5  # Dropout2d p on the weak view's backbone features (0 = no fp stream)
+
     # dgcl term (losses/dgcl.py, docs/methods/dgcl.md): density-guided contrastive loss + class-wise memory bank
     cfg.SEMI.DGCL = CN()
     cfg.SEMI.DGCL.WEIGHT = 0.5  # lambda_c of L = L_sup + lambda_u L_u + lambda_c L_dgcl (paper/reference: 0.5)
