@@ -276,3 +276,31 @@ def test_configs_resolve_to_the_official_recipe(name, split, official):
     one = _resolved(name, 1)  # one process: the per-GPU batch, lr / 4, 4x the iterations
     assert (one.SOLVER.IMS_PER_BATCH, one.SOLVER.IMS_PER_BATCH_UNLABELED) == (2, 2)
     assert one.SOLVER.BASE_LR == pytest.approx(official["lr"] / 4) and one.SOLVER.MAX_ITER == 4 * cfg.SOLVER.MAX_ITER
+
+
+# ------------------------------------------------------------------ engine: exact resume
+def test_resume_is_exact(tmp_path):
+    """Student-mode UniMatch (dual streams, fp dropout draws) resumed from a mid-run checkpoint ends bit-identical
+    to the uninterrupted run: the RNG states (CutMix boxes, Dropout2d) and the data stream are restored."""
+    import shutil
+
+    from semiseg_d2.engine.trainer import SemiSegTrainer
+    from tests.test_train_e2e import camvid_semi_cfg
+
+    extra = {"SEMI.LOSSES": ["supervised", "unimatch"], "SEMI.UNIMATCH.THRESHOLD": 0.0, **STUDENT_MODE,
+             "SEMI.BURN_IN_ITERS": 1, "SOLVER.CHECKPOINT_PERIOD": 2}  # fmt: skip
+
+    def train(out, resume=False):
+        trainer = SemiSegTrainer(camvid_semi_cfg(out, 4, **extra))
+        trainer.resume_or_load(resume=resume)
+        trainer.train()
+        return torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+
+    ref = train(tmp_path / "ref")
+    (tmp_path / "run").mkdir()
+    shutil.copy(tmp_path / "ref" / "model_0000001.pth", tmp_path / "run")
+    (tmp_path / "run" / "last_checkpoint").write_text("model_0000001.pth")
+    got = train(tmp_path / "run", resume=True)
+    assert ref.keys() == got.keys() and not any(k.startswith("teacher.") for k in ref)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
