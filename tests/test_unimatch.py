@@ -15,11 +15,7 @@ UNIMATCH = {"SEMI.LOSSES": ["supervised", "unimatch"], "SEMI.UNIMATCH.THRESHOLD"
 
 
 def unimatch_batch(bu=2, seed=0):
-    """fake_batch with a second strong view (what UnlabeledDatasetMapper makes for the unimatch term)."""
-    labeled, unlabeled = fake_batch(bu=bu, seed=seed)
-    for u in unlabeled:
-        u["image_strong2"] = u["image"] // 2 + 64
-    return labeled, unlabeled
+    return fake_batch(bu=bu, seed=seed, strong2=True)
 
 
 def _record():
