@@ -156,7 +156,7 @@ def _block_labels(g: torch.Generator, num_classes: int, h: int, w: int, block: i
 class SyntheticBatches:
     """Endless batches shaped like the config's training loader output (docs/architecture.md "Mapper outputs"):
     labeled ``{"image" uint8[3,H,W], "sem_seg" long[H,W]}`` and, for SemiSegmentor, unlabeled ``{"image",
-    "image_strong", "valid"}`` at the crop size, per-process batch sizes. A small pool is built once and cycled,
+    "image_strong", "valid"}`` (+ ``"image_strong2"`` for terms with ``needs_second_strong``) at the crop size, per-process batch sizes. A small pool is built once and cycled,
     so the data cost is ~0 (use the real loader, or ``--data-only``, to measure the input pipeline)."""
 
     def __init__(self, cfg, pool: int = 2, seed: int = 0):
@@ -167,6 +167,9 @@ class SyntheticBatches:
         semi = cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor"
         bu = int(cfg.SOLVER.IMS_PER_BATCH_UNLABELED) if semi else 0
         names = list(cfg.DATASETS.TRAIN_LABELED) or list(cfg.DATASETS.TRAIN) or ["synthetic"]
+        from semiseg_d2.losses.registry import terms_declare
+
+        strong2 = semi and terms_declare(cfg, "needs_second_strong")  # UniMatch's second strong stream
         self.labeled_per_batch, self.unlabeled_per_batch = bl, bu
         self.batches = []
         for _ in range(pool):
@@ -185,6 +188,8 @@ class SyntheticBatches:
                 strong = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
                 unlabeled.append({"image": img, "image_strong": strong, "valid": torch.ones(h, w, dtype=torch.bool),
                                   "height": h, "width": w, "file_name": "synthetic"})
+                if strong2:
+                    unlabeled[-1]["image_strong2"] = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
             self.batches.append((labeled, unlabeled))
 
     def __iter__(self):
@@ -236,7 +241,7 @@ def build_training(cfg, data):
     from detectron2.engine import hooks
     from detectron2.modeling import build_model
 
-    from semiseg_d2.engine.hooks import EMAHook
+    from semiseg_d2.engine.hooks import build_ema_hook
     from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainLoop, autocast_dtype
 
     model = build_model(cfg)
@@ -246,9 +251,8 @@ def build_training(cfg, data):
     loop = SemiSegTrainLoop(model, data, optimizer, amp_dtype=autocast_dtype(cfg),
                             check_finite=cfg.SEMI.NONFINITE_CHECK)
     trainer_hooks = [hooks.LRScheduler(optimizer, scheduler)]
-    if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor":
-        s = cfg.SEMI
-        trainer_hooks.append(EMAHook(s.EMA.MOMENTUM, s.EMA.SCHEDULE, s.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER))
+    if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor" and build_ema_hook(cfg) is not None:
+        trainer_hooks.append(build_ema_hook(cfg))
     loop.register_hooks(trainer_hooks)
     return model, loop
 
