@@ -138,7 +138,11 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.MIX.CUTMIX_AREA = [0.02, 0.4]  # CutMix box area as a fraction of the crop (UniMatch)
     cfg.SEMI.MIX.CUTMIX_RATIO = [0.3, 3.3]  # CutMix box aspect ratio range
     cfg.SEMI.STUDENT_WEAK = False  # also run the student on weak views (set by terms that need it, e.g. dgcl)
-    cfg.SEMI.TEACHER_AUTOCAST = True  # teacher forward under autocast when SOLVER.AMP.ENABLED
+    # teacher forward under SOLVER.AMP's autocast (True) or in fp32 (False: every official code; docs/benchmarks.md)
+    cfg.SEMI.TEACHER_AUTOCAST = False
+    # teacher forward with train-mode BN (batch statistics over cat(weak unlabeled, labeled), dropout on; running
+    # statistics untouched) as the official DGCL / DDFP codes (True), or eval-mode BN (False: ours, the EMA's statistics)
+    cfg.SEMI.TEACHER_TRAIN_MODE = False
     cfg.SEMI.VIS_PERIOD = 0  # TensorBoard images every N iterations (0 = off)
     cfg.SEMI.NONFINITE_CHECK = True  # stop on NaN/inf loss naming the iteration and the term
 

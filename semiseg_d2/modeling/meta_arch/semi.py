@@ -1,8 +1,9 @@
 """SemiSegmentor: a student Segmentor, its EMA teacher and the configured loss terms.
 
 One training step (docs/architecture.md):
-  1. teacher (eval-mode BN, no autograd) on the weak unlabeled views -> probabilities, pseudo-labels,
-     confidence, entropy, features;
+  1. teacher (eval-mode BN, no autograd, fp32) on the weak unlabeled views -> probabilities, pseudo-labels,
+     confidence, entropy, features (``SEMI.TEACHER_TRAIN_MODE``: train-mode BN and dropout on cat(weak, labeled),
+     the official DGCL/DDFP computation; ``SEMI.TEACHER_AUTOCAST``: under the run's autocast);
   2. mixing masks (CutMix / ClassMix) applied to the strong views and to the teacher maps alike;
   3. the student runs ONCE on cat(labeled, strong[, weak]) and its outputs are split per part;
   4. each loss term reads the SemiStep record and returns named, weighted losses.
@@ -13,7 +14,7 @@ On the steps where ``TrainingVisHook`` (``SEMI.VIS_PERIOD``) asks for pictures (
 leaves a small detached CPU copy of the first images of each part in ``vis_record``; no other step keeps
 anything beyond the optimizer step.
 """
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -32,6 +33,22 @@ from .segmentor import Segmentor
 from .teacher_student import TeacherStudent
 
 _MIX_TYPES = ("none", "cutmix", "classmix")
+
+
+@contextmanager
+def batch_statistics_mode(network: nn.Module):
+    """``network`` in train mode (BN normalises with batch statistics, dropout is on) without touching its BN
+    running statistics; back to eval mode on exit. For the official DGCL / DDFP teacher forward."""
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    network.train()
+    for m in norms:
+        m.track_running_stats = False  # train mode + no tracking: batch statistics, buffers left as they are
+    try:
+        yield network
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+        network.eval()
 
 
 def split_outputs(outputs: Dict[str, torch.Tensor], sizes: Sequence[int]) -> List[Dict[str, torch.Tensor]]:
@@ -62,7 +79,8 @@ class SemiSegmentor(TeacherStudent):
         cutmix_area: Tuple[float, float] = (0.02, 0.4),
         cutmix_ratio: Tuple[float, float] = (0.3, 1 / 0.3),
         student_weak: bool = False,
-        teacher_autocast: bool = True,
+        teacher_autocast: bool = False,
+        teacher_train_mode: bool = False,
     ):
         if mix_type not in _MIX_TYPES:
             raise ValueError(f"SEMI.MIX.TYPE: unknown '{mix_type}'; known: {', '.join(_MIX_TYPES)}")
@@ -74,6 +92,7 @@ class SemiSegmentor(TeacherStudent):
         self.student_weak = student_weak or any(t.needs_student_weak for t in terms.values())
         self.teacher_labeled = any(t.needs_teacher_labeled for t in terms.values())
         self.teacher_autocast = teacher_autocast
+        self.teacher_train_mode = teacher_train_mode
         self.keep_vis = 0  # images per part to copy into vis_record on this step (set by TrainingVisHook)
         self.vis_record = None  # detached CPU copy for the pictures, taken by TrainingVisHook
 
@@ -92,6 +111,7 @@ class SemiSegmentor(TeacherStudent):
             cutmix_ratio=m.CUTMIX_RATIO,
             student_weak=cfg.SEMI.STUDENT_WEAK,
             teacher_autocast=cfg.SEMI.TEACHER_AUTOCAST,
+            teacher_train_mode=cfg.SEMI.TEACHER_TRAIN_MODE,
         )
 
     @property
@@ -166,9 +186,13 @@ class SemiSegmentor(TeacherStudent):
 
     @torch.no_grad()
     def _teacher_outputs(self, images: torch.Tensor, valid: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Teacher on normalised images -> fp32 maps at crop resolution + head outputs (one pass)."""
-        ctx = nullcontext() if self.teacher_autocast else torch.autocast(images.device.type, enabled=False)
-        with torch.inference_mode(), ctx:
+        """Teacher on normalised images -> fp32 maps at crop resolution + head outputs (one pass).
+
+        In fp32 unless ``teacher_autocast`` (every official code pseudo-labels in fp32); with eval-mode BN unless
+        ``teacher_train_mode`` (batch statistics of ``images``, dropout on, running statistics untouched)."""
+        precision = nullcontext() if self.teacher_autocast else torch.autocast(images.device.type, enabled=False)
+        mode = batch_statistics_mode(self.teacher) if self.teacher_train_mode else nullcontext()
+        with torch.inference_mode(), precision, mode:
             out = self.teacher.extract(images)
         # Leave inference mode: terms use these as targets of autograd ops.
         out = {k: v.clone().float() for k, v in out.items() if v is not None}
@@ -218,8 +242,9 @@ class SemiSegmentor(TeacherStudent):
         weak = student.normalize(self._stack(unlabeled, "image"))
         strong = student.normalize(self._stack(unlabeled, "image_strong"))
         teacher_labeled = {}
-        if self.teacher_labeled:
-            # One teacher pass over both (eval-mode BN: batching does not change the result).
+        if self.teacher_labeled or self.teacher_train_mode:
+            # One teacher pass over both: with eval-mode BN batching does not change the result; in train mode
+            # the batch statistics come from labeled + unlabeled images, as in the official DGCL / DDFP codes.
             valid_l = torch.ones_like(targets, dtype=torch.bool)
             both = self._teacher_outputs(torch.cat([weak, images_l]), torch.cat([valid, valid_l]))
             teacher_weak, teacher_labeled = split_outputs(both, [weak.shape[0], images_l.shape[0]])
