@@ -209,6 +209,12 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.DGCL.DROP_PERCENT = 80.0
     cfg.SEMI.DGCL.MIN_DROP_PERCENT = 10.0
     cfg.SEMI.DGCL.SKIP_CLASSES = []  # classes that never get anchors (ref: [0] on every dataset; VOC background)
+    # "per_class": a class contributes once its bank holds MIN_FILL (ours); "all_classes": the loss is off until every
+    # class's bank holds MIN_FILL (official check_if_full, which with SKIP_CLASSES [0] is the official start)
+    cfg.SEMI.DGCL.START = "per_class"
+    # 0: loss weight WEIGHT (ours, paper). W > 0: WEIGHT / W, the official effective weight of its non-autograd
+    # all_reduce + / world_size on W GPUs (Cityscapes W = 8: 0.0625, VOC W = 4: 0.125), whatever world size we run on
+    cfg.SEMI.DGCL.OFFICIAL_WORLD_SIZE = 0
     cfg.SEMI.DGCL.BANK_SOURCE = "student"  # bank features from the "student" (ref) or the "teacher" (weak views)
     cfg.SEMI.DGCL.DENSITY_MAX_ELEMENTS = 134217728  # similarities materialised at once in the kNN density (memory)
 
