@@ -212,3 +212,31 @@ def test_teacher_train_mode_is_the_official_forward():
     assert not model.teacher.training
     for k, v in model.teacher.named_buffers():
         assert torch.equal(v, buffers[k]), k
+
+
+def test_student_teacher_in_train_mode_is_the_official_ddfp_teacher():
+    """Official DDFP: the "EMA teacher" aliases the student's parameters (docs/methods/ddfp.md §4.1) and runs
+    ``train()`` under no_grad on cat(labeled, unlabeled): a no-grad train-mode pass of the student's own weights,
+    then the usual single student pass on cat(labeled, strong)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model(semi_cfg(**{"SEMI.TEACHER_MODE": "student", "SEMI.TEACHER_TRAIN_MODE": True,
+                                    "TEST.EVAL_TEACHER": False, "SEMI.WEIGHTS_FOR_EXPORT": "student"}))
+    model.train()
+    assert model.teacher is None  # no EMA copy: nothing for an EMA update to move
+    before = copy.deepcopy(model.student)  # weights and BN buffers as the teacher pass sees them
+    calls = []
+    orig = model.student.extract
+    model.student.extract = lambda x: calls.append((x.shape[0], torch.is_grad_enabled())) or orig(x)
+    labeled, unlabeled = fake_batch(bl=2, bu=3)
+    torch.manual_seed(7)
+    model((labeled, unlabeled))
+    step = model._last_step
+    assert calls == [(5, False), (5, True)]  # teacher pass on weak + labeled, then student on labeled + strong
+    assert model.student.training
+    with torch.no_grad():
+        torch.manual_seed(7)
+        ref = before.train().extract(torch.cat([_normalized(model, unlabeled), _normalized(model, labeled)]))["logits"]
+    torch.testing.assert_close(step.teacher_weak["logits"], ref[:3], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(step.teacher_labeled["logits"], ref[3:], atol=1e-6, rtol=1e-6)
