@@ -144,7 +144,11 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.MIX.CUTMIX_AREA = [0.02, 0.4]  # CutMix box area as a fraction of the crop (UniMatch)
     cfg.SEMI.MIX.CUTMIX_RATIO = [0.3, 3.3]  # CutMix box aspect ratio range
     cfg.SEMI.STUDENT_WEAK = False  # also run the student on weak views (set by terms that need it, e.g. dgcl)
-    cfg.SEMI.TEACHER_AUTOCAST = True  # teacher forward under autocast when SOLVER.AMP.ENABLED
+    # teacher forward under SOLVER.AMP's autocast (True) or in fp32 (False: every official code; docs/benchmarks.md)
+    cfg.SEMI.TEACHER_AUTOCAST = False
+    # teacher forward with train-mode BN (batch statistics over cat(weak unlabeled, labeled), dropout on; running
+    # statistics untouched) as the official DGCL / DDFP codes (True), or eval-mode BN (False: ours, the EMA's statistics)
+    cfg.SEMI.TEACHER_TRAIN_MODE = False
     cfg.SEMI.VIS_PERIOD = 0  # TensorBoard images every N iterations (0 = off)
     cfg.SEMI.NONFINITE_CHECK = True  # stop on NaN/inf loss naming the iteration and the term
 
@@ -223,6 +227,12 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.DGCL.DROP_PERCENT = 80.0
     cfg.SEMI.DGCL.MIN_DROP_PERCENT = 10.0
     cfg.SEMI.DGCL.SKIP_CLASSES = []  # classes that never get anchors (ref: [0] on every dataset; VOC background)
+    # "per_class": a class contributes once its bank holds MIN_FILL (ours); "all_classes": the loss is off until every
+    # class's bank holds MIN_FILL (official check_if_full, which with SKIP_CLASSES [0] is the official start)
+    cfg.SEMI.DGCL.START = "per_class"
+    # 0: loss weight WEIGHT (ours, paper). W > 0: WEIGHT / W, the official effective weight of its non-autograd
+    # all_reduce + / world_size on W GPUs (Cityscapes W = 8: 0.0625, VOC W = 4: 0.125), whatever world size we run on
+    cfg.SEMI.DGCL.OFFICIAL_WORLD_SIZE = 0
     cfg.SEMI.DGCL.BANK_SOURCE = "student"  # bank features from the "student" (ref) or the "teacher" (weak views)
     cfg.SEMI.DGCL.DENSITY_MAX_ELEMENTS = 134217728  # similarities materialised at once in the kNN density (memory)
 

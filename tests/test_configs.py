@@ -2,6 +2,7 @@
 and builds its model (with tiny widths)."""
 import glob
 import os
+import re
 
 import pytest
 import torch
@@ -66,3 +67,37 @@ def test_gpu_recipe_on_a_machine_without_gpu_says_how_to_run_on_cpu():
     assert cfg.MODEL.DEVICE == "cuda" and cfg.SOLVER.AMP.ENABLED and cfg.MODEL.CHANNELS_LAST
     with pytest.raises(RuntimeError, match="MODEL.DEVICE cpu"):
         build_model(cfg)
+
+
+PUBLISHED = [p for p in CONFIGS if re.search(r"/(dgcl|ddfp)_\d+\.yaml$", p) or p.endswith("dgcl_city.yaml")]
+_SWITCH = re.compile(r"\b((?:SEMI|TEST)\.[A-Z0-9_.]*[A-Z0-9_]) (\S+)")
+
+
+def _header_switches(path):
+    """KEY VALUE pairs named in the config's leading comment block (trailing punctuation stripped)."""
+    header = []
+    with open(path) as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            header.append(line[1:])
+    return [(k, v.rstrip(".,;)")) for k, v in _SWITCH.findall(" ".join(header))]
+
+
+@pytest.mark.parametrize("path", PUBLISHED, ids=lambda p: os.path.relpath(p, ROOT))
+def test_published_config_header_names_the_official_behaviour(path):
+    """Each published-number config trains our fixes and its header names the switches of the official run."""
+    from semiseg_d2.config import check_teacher_mode
+
+    switches = _header_switches(path)
+    cfg = get_semiseg_cfg()
+    cfg.merge_from_file(path)
+    assert cfg.SEMI.TEACHER_TRAIN_MODE is False and cfg.SEMI.TEACHER_MODE == "ema" and not cfg.SEMI.TEACHER_AUTOCAST
+    assert ("SEMI.TEACHER_TRAIN_MODE", "True") in switches, path
+    cfg.merge_from_list([x for kv in switches for x in kv])
+    if "dgcl" in os.path.basename(path):
+        assert cfg.SEMI.DGCL.OFFICIAL_WORLD_SIZE == cfg.SOLVER.REFERENCE_WORLD_SIZE  # the official run's GPUs
+        assert cfg.SEMI.DGCL.START == "all_classes" and list(cfg.SEMI.DGCL.SKIP_CLASSES) == [0]
+    else:
+        assert cfg.SEMI.TEACHER_MODE == "student"
+        check_teacher_mode(cfg)  # the named switches form a valid config

@@ -4,6 +4,7 @@ import math
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -214,29 +215,98 @@ def test_feature_dim_mismatch_names_both_dims():
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
+    """One 2-rank gloo run for the tests below (spawning is the slow part): bank update, official gradient."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(rank)  # different local sampling streams on purpose
-        term = small_term(update_per_class=5, memory_size=12)
-        for it in range(3):
-            step = _fake_step(seed=10 * it + rank, h=6, w=6)  # different data on each rank
-            step.iteration = it
-            term.train()
-            term(step)
-            term.update(step)
-        torch.save(term.bank.state_dict(), os.path.join(out_dir, f"bank{rank}.pt"))
+        _bank_update_on_rank(rank, out_dir)
+        _official_grad_on_rank(rank, world, out_dir)
     finally:
         dist.destroy_process_group()
 
 
-def test_bank_identical_on_two_gloo_ranks():
+@pytest.fixture(scope="module")
+def two_gloo_ranks():
+    """Directory with the files ``_ddp_worker`` wrote on 2 gloo ranks."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        a = torch.load(os.path.join(tmp, "bank0.pt"))
-        b = torch.load(os.path.join(tmp, "bank1.pt"))
+        yield tmp
+
+
+def _bank_update_on_rank(rank, out_dir):
+    torch.manual_seed(rank)  # different local sampling streams on purpose
+    term = small_term(update_per_class=5, memory_size=12)
+    for it in range(3):
+        step = _fake_step(seed=10 * it + rank, h=6, w=6)  # different data on each rank
+        step.iteration = it
+        term.train()
+        term(step)
+        term.update(step)
+    torch.save(term.bank.state_dict(), os.path.join(out_dir, f"bank{rank}.pt"))
+
+
+def test_bank_identical_on_two_gloo_ranks(two_gloo_ranks):
+    a = torch.load(os.path.join(two_gloo_ranks, "bank0.pt"))
+    b = torch.load(os.path.join(two_gloo_ranks, "bank1.pt"))
     assert int(a["count"].sum()) > 0 and (a["count"] <= 12).all()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_start_all_classes_waits_for_every_bank_like_check_if_full():
+    """Official start: ``memobank.check_if_full()`` over every class (skipped ones included), class 0 skipped."""
+    feats, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 255, 1])
+    for start in ("per_class", "all_classes"):
+        term = small_term(min_fill=4, memory_size=4, start=start, skip_classes=[0] if start == "all_classes" else [])
+        _fill(term, 0, torch.randn(4, 4), torch.randn(4, 4), torch.rand(4))
+        _fill(term, 1, torch.randn(4, 4), torch.randn(4, 4), torch.rand(4))
+        _fill(term, 2, torch.randn(3, 4), torch.randn(3, 4), torch.rand(3))  # class 2 (absent) not full yet
+        proj = torch.randn(6, 4, requires_grad=True)
+        _, _, active = term.loss_from_pixels(feats, proj, labels)
+        assert active.tolist() == ([True, True, False] if start == "per_class" else [False, False, False])
+        _fill(term, 2, torch.randn(1, 4), torch.randn(1, 4), torch.rand(1))  # now every bank is full
+        loss, per_class, active = term.loss_from_pixels(feats, proj, labels)
+        # per_class: classes 0 and 1 contribute; official: class 1 only (class 0 skipped, class 2 absent)
+        assert active.tolist() == ([True, True, False] if start == "per_class" else [False, True, False])
+        assert torch.allclose(loss, per_class[active].mean())
+    with pytest.raises(ValueError, match="SEMI.DGCL.START"):
+        small_term(start="official")
+
+
+def _official_grad_on_rank(rank, world, out_dir):
+    """Both sides of one step on each rank: the official ``dist.all_reduce(contra_loss); contra_loss /= world_size;
+    (0.5 * contra_loss).backward()`` and ours (WEIGHT 0.5 with OFFICIAL_WORLD_SIZE = world / = 0), each followed by
+    DDP's gradient average."""
+    step = _fake_step(seed=rank, h=6, w=6)  # different data on each rank
+
+    def grads(**kw):
+        torch.manual_seed(0)  # same projection head on every rank and both sides, same random draws
+        term = small_term(min_fill=1, memory_size=12, **kw)
+        g = torch.Generator().manual_seed(1)
+        for c in range(3):
+            _fill(term, c, torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.rand(6, generator=g))
+        torch.manual_seed(2)
+        loss = term(step)["loss_dgcl"]
+        if kw.get("weight") == 1.0:  # the official code on the unweighted loss
+            dist.all_reduce(loss)  # in place, not recorded by autograd
+            loss = 0.5 * (loss / world)
+        loss.backward()
+        out = []
+        for p in term.proj.parameters():
+            dist.all_reduce(p.grad)  # DDP: mean of the ranks' gradients
+            out.append(p.grad / world)
+        return torch.cat([x.reshape(-1) for x in out])
+
+    result = {"official": grads(weight=1.0), "switch": grads(weight=0.5, official_world_size=world),
+              "ours": grads(weight=0.5)}
+    torch.save(result, os.path.join(out_dir, f"grads{rank}.pt"))
+
+
+def test_official_world_size_reproduces_the_official_contrastive_gradient(two_gloo_ranks):
+    r = torch.load(os.path.join(two_gloo_ranks, "grads0.pt"))
+    g_official, g_switch, g_ours = r["official"], r["switch"], r["ours"]
+    assert g_official.abs().sum() > 0
+    torch.testing.assert_close(g_switch, g_official, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(g_ours, 2 * g_official, atol=1e-7, rtol=1e-6)  # ours: the full 0.5, not 0.5 / W
 
 
 # ------------------------------------------------------------------ in the engine

@@ -1,9 +1,85 @@
 import math
 import unittest
 
+import FrEIA.framework as Ff  # test-only dependency (requirements-test.txt): the official DDFP flow library
+import FrEIA.modules as Fm
 import torch
+from torch import nn
 
 from semiseg_d2.layers import CouplingFlow, nll_gradient_direction, nonfinite_log_det
+from semiseg_d2.layers.flow import GLOWCoupling
+
+
+def _copy_subnet(ours: nn.Sequential, freia: nn.Sequential) -> None:
+    """Copy our subnet's Linear weights into FrEIA's (same Linear-ReLU-...-Linear layout)."""
+    ours_lin = [m for m in ours if isinstance(m, nn.Linear)]
+    freia_lin = [m for m in freia if isinstance(m, nn.Linear)]
+    assert len(ours_lin) == len(freia_lin)
+    for a, b in zip(ours_lin, freia_lin):
+        b.weight.data.copy_(a.weight.data)
+        b.bias.data.copy_(a.bias.data)
+
+
+def _freia_subnet(hidden):
+    def build(c_in, c_out):  # the official model/flow/model.py::subnet_fc for hidden = (h, h)
+        layers, width = [], c_in
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        return nn.Sequential(*layers, nn.Linear(width, c_out))
+    return build
+
+
+class TestAgainstFrEIA(unittest.TestCase):
+    """Parity with FrEIA 0.2 (the official DDFP code's GLOWCouplingBlock + PermuteRandom) in float64, with
+    weights copied from ours and large init so that the soft clamp is far from linear."""
+
+    def _block_pair(self, dim, clamp=2.0, hidden=(16, 16)):
+        torch.manual_seed(0)
+        ours = GLOWCoupling(dim, hidden, clamp).double()
+        for p in ours.parameters():
+            p.data.normal_(0.0, 0.5)
+        freia = Fm.GLOWCouplingBlock([(dim,)], subnet_constructor=_freia_subnet(hidden), clamp=clamp).double()
+        _copy_subnet(ours.net1, freia.subnet1)
+        _copy_subnet(ours.net2, freia.subnet2)
+        return ours, freia
+
+    def test_one_block_forward_log_det_inverse(self):
+        for dim in (8, 7):  # odd D: FrEIA splits round(D / 2) channels first
+            ours, freia = self._block_pair(dim)
+            x = 3.0 * torch.randn(32, dim, dtype=torch.float64)
+            y, log_det = ours(x)
+            (y_ref,), log_det_ref = freia([x])
+            # the clamp saturates: log-scales reach well beyond the linear range of atan
+            self.assertGreater(float(ours._st(ours.net2, x[:, ours.len1:], ours.len1)[0].detach().abs().max()), 1.5)
+            torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(log_det, log_det_ref, atol=1e-12, rtol=1e-12)
+            (x_ref,), _ = freia([y_ref], rev=True)
+            torch.testing.assert_close(ours.inverse(y), x_ref, atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(ours.inverse(y), x, atol=1e-9, rtol=1e-9)
+
+    def test_whole_flow_equals_official_graph(self):
+        """CouplingFlow(seed=0) = the official RNVP graph: GLOW block k then PermuteRandom(seed=k)."""
+        dim, hidden, n_blocks = 10, (16, 16), 2
+        ours = CouplingFlow(dim, num_classes=3, n_blocks=n_blocks, hidden=hidden, clamp=2.0, init_std=0.5).double()
+        nodes = [Ff.InputNode(dim, name="input")]
+        for k in range(n_blocks):
+            nodes.append(Ff.Node(nodes[-1], Fm.GLOWCouplingBlock,
+                                 {"subnet_constructor": _freia_subnet(hidden), "clamp": 2.0}, name=f"coupling_{k}"))
+            nodes.append(Ff.Node(nodes[-1], Fm.PermuteRandom, {"seed": k}, name=f"permute_{k}"))
+        nodes.append(Ff.OutputNode(nodes[-1], name="output"))
+        ref = Ff.GraphINN(nodes, verbose=False).double()
+        blocks = [m for m in ref.module_list if isinstance(m, Fm.GLOWCouplingBlock)]
+        for a, b in zip(ours.blocks, blocks):
+            _copy_subnet(a.net1, b.subnet1)
+            _copy_subnet(a.net2, b.subnet2)
+        x = 2.0 * torch.randn(16, dim, dtype=torch.float64)
+        z, log_det = ours(x)
+        z_ref, log_det_ref = ref(x)
+        torch.testing.assert_close(z, z_ref, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(log_det, log_det_ref, atol=1e-12, rtol=1e-12)
+        x_ref, _ = ref(z_ref, rev=True)
+        torch.testing.assert_close(ours.inverse(z), x_ref, atol=1e-12, rtol=1e-12)
 
 
 class TestCouplingFlow(unittest.TestCase):

@@ -150,3 +150,93 @@ def test_class_weights_scale_supervised_and_pseudo_label_ce_per_pixel():
     assert torch.allclose(model.terms["supervised"](step)["loss_sem_seg"], plain)
     step.class_weights = torch.zeros(11)
     assert model.terms["pseudo_label"](step)["loss_pseudo_label"].item() == 0.0
+
+
+def _normalized(model, parts, key="image"):
+    return model.student.normalize(torch.stack([x[key] for x in parts]))
+
+
+@pytest.mark.parametrize("teacher_autocast", [False, True])
+def test_teacher_runs_in_fp32_under_amp_unless_teacher_autocast(teacher_autocast):
+    torch.manual_seed(0)
+    model = build_model(semi_cfg(**{"SEMI.TEACHER_AUTOCAST": teacher_autocast}))
+    model.train()
+    raw = []
+    orig = model.teacher.extract
+    model.teacher.extract = lambda x: raw.append(orig(x)) or raw[-1]
+    labeled, unlabeled = fake_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what SemiSegTrainLoop does with SOLVER.AMP.ENABLED
+        model((labeled, unlabeled))
+    got = model._last_step.teacher_weak["logits"]
+    with torch.no_grad():
+        fp32 = orig(_normalized(model, unlabeled))["logits"]
+    assert fp32.dtype == got.dtype == torch.float32
+    if teacher_autocast:
+        assert raw[0]["logits"].dtype == torch.bfloat16
+        assert float((got - fp32).abs().max()) > 1e-4  # bf16 rounding, 100x the fp32 tolerance below
+    else:
+        assert raw[0]["logits"].dtype == torch.float32
+        torch.testing.assert_close(got, fp32, atol=1e-6, rtol=1e-6)
+
+
+def test_teacher_autocast_and_train_mode_are_off_by_default():
+    from semiseg_d2.config import get_semiseg_cfg
+
+    cfg = get_semiseg_cfg()
+    assert cfg.SEMI.TEACHER_AUTOCAST is False and cfg.SEMI.TEACHER_TRAIN_MODE is False
+
+
+def test_teacher_train_mode_is_the_official_forward():
+    """Official DGCL / DDFP: ``model_teacher.train()`` then, under no_grad, one forward on cat(labeled, unlabeled):
+    BN batch statistics over both, dropout on. Our running statistics stay untouched, the teacher returns to eval."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model(semi_cfg(**{"SEMI.TEACHER_TRAIN_MODE": True}))
+    model.train()
+    assert model.student.sem_seg_head.dropout.p > 0  # so that "dropout on" is part of what is compared
+    buffers = {k: v.clone() for k, v in model.teacher.named_buffers()}
+    labeled, unlabeled = fake_batch(bl=2, bu=3)
+    torch.manual_seed(7)  # the teacher forward is the step's first random draw (dropout)
+    model((labeled, unlabeled))
+    step = model._last_step
+    weak, images_l = _normalized(model, unlabeled), _normalized(model, labeled)
+    official = copy.deepcopy(model.teacher).train()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        ref = official.extract(torch.cat([weak, images_l]))["logits"]
+        eval_mode = model.teacher.extract(weak)["logits"]
+    torch.testing.assert_close(step.teacher_weak["logits"], ref[:3], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(step.teacher_labeled["logits"], ref[3:], atol=1e-6, rtol=1e-6)
+    assert float((step.teacher_weak["logits"] - eval_mode).abs().max()) > 1e-3
+    assert not model.teacher.training
+    for k, v in model.teacher.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_student_teacher_in_train_mode_is_the_official_ddfp_teacher():
+    """Official DDFP: the "EMA teacher" aliases the student's parameters (docs/methods/ddfp.md §4.1) and runs
+    ``train()`` under no_grad on cat(labeled, unlabeled): a no-grad train-mode pass of the student's own weights,
+    then the usual single student pass on cat(labeled, strong)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model(semi_cfg(**{"SEMI.TEACHER_MODE": "student", "SEMI.TEACHER_TRAIN_MODE": True,
+                                    "TEST.EVAL_TEACHER": False, "SEMI.WEIGHTS_FOR_EXPORT": "student"}))
+    model.train()
+    assert model.teacher is None  # no EMA copy: nothing for an EMA update to move
+    before = copy.deepcopy(model.student)  # weights and BN buffers as the teacher pass sees them
+    calls = []
+    orig = model.student.extract
+    model.student.extract = lambda x: calls.append((x.shape[0], torch.is_grad_enabled())) or orig(x)
+    labeled, unlabeled = fake_batch(bl=2, bu=3)
+    torch.manual_seed(7)
+    model((labeled, unlabeled))
+    step = model._last_step
+    assert calls == [(5, False), (5, True)]  # teacher pass on weak + labeled, then student on labeled + strong
+    assert model.student.training
+    with torch.no_grad():
+        torch.manual_seed(7)
+        ref = before.train().extract(torch.cat([_normalized(model, unlabeled), _normalized(model, labeled)]))["logits"]
+    torch.testing.assert_close(step.teacher_weak["logits"], ref[:3], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(step.teacher_labeled["logits"], ref[3:], atol=1e-6, rtol=1e-6)

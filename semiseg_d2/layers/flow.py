@@ -6,24 +6,34 @@ mixture with one learnable mean per class and identity covariance, so
     log p(x | c) = log N(f(x); mu_c, I) + log|det df/dx|,
     log p(x)     = logsumexp_c log p(x | c) - log C    (uniform mixture weights).
 
-Structure as in the official code (FrEIA ``GLOWCouplingBlock`` + ``PermuteRandom`` after each block,
-subnets Linear(D/2, 256)-ReLU-Linear(256, 256)-ReLU-Linear(256, D), params initialised N(0, 0.05^2),
-means N(0, I)), written here in plain torch. Numerics are fp32 with autocast disabled.
+Structure as in the official code (github.com/Gavinwxy/DDFP, model/flow/model.py: FrEIA 0.2
+``GLOWCouplingBlock(clamp=2.0)`` + ``PermuteRandom(seed=k)`` after block k, subnets
+Linear(D/2, 256)-ReLU-Linear(256, 256)-ReLU-Linear(256, D), params initialised N(0, 0.05^2), means N(0, I)),
+written here in plain torch; tests/test_flow.py checks one block and a whole flow against FrEIA 0.2 with copied
+weights. Numerics are fp32 with autocast disabled.
 """
 import math
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..utils.dtype import upcast
 
-# FrEIA's GLOW soft clamp: s -> clamp * 0.636 * atan(s / clamp) keeps |log-scale| < ~clamp (2/pi = 0.636).
+# FrEIA 0.2's GLOW soft clamp (_BaseCouplingBlock, clamp_activation "ATAN"): s -> clamp * 0.636 * atan(s), i.e.
+# |log-scale| < ~clamp (0.636 ~ 2/pi) with slope 0.636 * clamp at 0 (the raw subnet output is NOT divided by clamp).
 _ATAN_GAIN = 0.636
 
 
 def _soft_clamp(s: torch.Tensor, clamp: float) -> torch.Tensor:
-    return clamp * _ATAN_GAIN * torch.atan(s / clamp)
+    return clamp * _ATAN_GAIN * torch.atan(s)
+
+
+def freia_permutation(dim: int, seed: int) -> torch.Tensor:
+    """FrEIA's ``PermuteRandom(seed=seed)`` permutation of ``dim`` channels (numpy's legacy generator seeded with
+    ``seed``), drawn from a private ``RandomState`` so numpy's global stream is left untouched."""
+    return torch.from_numpy(np.random.RandomState(int(seed)).permutation(int(dim))).long()
 
 
 def _subnet(c_in: int, c_out: int, hidden: Sequence[int]) -> nn.Sequential:
@@ -38,14 +48,14 @@ def _subnet(c_in: int, c_out: int, hidden: Sequence[int]) -> nn.Sequential:
 class GLOWCoupling(nn.Module):
     """One GLOW affine coupling block: both halves are transformed, each conditioned on the other.
 
-    x = [x1 | x2] (len1 = D // 2, len2 = D - len1)
+    x = [x1 | x2] (len1 = round(D / 2) as FrEIA's split_len 0.5, len2 = D - len1)
         y1 = x1 * exp(s2(x2)) + t2(x2);    y2 = x2 * exp(s1(y1)) + t1(y1)
     with soft-clamped log-scales; log|det| = sum(s2) + sum(s1).
     """
 
     def __init__(self, dim: int, hidden: Sequence[int], clamp: float):
         super().__init__()
-        self.len1 = dim // 2
+        self.len1 = round(dim * 0.5)  # FrEIA: round(channels * split_len) (round half to even)
         self.len2 = dim - self.len1
         self.clamp = float(clamp)
         self.net1 = _subnet(self.len1, 2 * self.len2, hidden)  # conditions x2's transform on y1
@@ -78,9 +88,10 @@ class CouplingFlow(nn.Module):
     Args:
         dim: D, feature dimension (DDFP: 256, the decoder feature).
         num_classes: C, one prior mean per class.
-        n_blocks: coupling blocks, each followed by a fixed random permutation.
+        n_blocks: coupling blocks, each followed by a fixed random permutation (block k: FrEIA's
+            ``PermuteRandom(seed=seed + k)``; the official code's seeds are k, i.e. seed = 0).
         hidden: hidden widths of every coupling subnet (DDFP: 256, 256 -> D/2 -> 256 -> 256 -> D).
-        clamp: soft clamp of the log-scales (FrEIA's atan form, see ``_soft_clamp``); DDFP: 2.0.
+        clamp: soft clamp of the log-scales (FrEIA 0.2's atan form, see ``_soft_clamp``); DDFP: 2.0.
         seed: seeds the permutations (block k uses seed + k) and the initialisation, so two flows built
             with the same arguments are identical (e.g. on every rank).
         init_std: std of the N(0, init_std^2) initialisation of every subnet parameter (official: 0.05).
@@ -98,7 +109,7 @@ class CouplingFlow(nn.Module):
         self.blocks = nn.ModuleList([GLOWCoupling(dim, hidden, clamp) for _ in range(n_blocks)])
         gen = torch.Generator().manual_seed(int(seed))
         for k in range(n_blocks):
-            perm = torch.randperm(dim, generator=torch.Generator().manual_seed(int(seed) + k))
+            perm = freia_permutation(dim, int(seed) + k)
             self.register_buffer(f"perm_{k}", perm)
             self.register_buffer(f"inv_perm_{k}", torch.argsort(perm))
         with torch.no_grad():

@@ -36,6 +36,9 @@ from .pseudo_label import entropy_keep_mask, softmax_entropy
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
 _BANK_SOURCES = ("student", "teacher")
+# "per_class": a class contributes once ITS bank holds MIN_FILL entries (ours);
+# "all_classes": no class contributes until EVERY class's bank holds MIN_FILL (official ``memobank.check_if_full()``)
+_STARTS = ("per_class", "all_classes")
 
 
 # ---------------------------------------------------------------------------------------------- pure parts
@@ -130,6 +133,8 @@ class DGCLTerm(SemiLossTerm):
         drop_percent: float = 80.0,
         min_drop_percent: float = 10.0,
         skip_classes: Sequence[int] = (),
+        start: str = "per_class",
+        official_world_size: int = 0,
         bank_source: str = "student",
         density_max_elements: int = 1 << 27,
         burn_in_iters: int = 0,
@@ -139,6 +144,10 @@ class DGCLTerm(SemiLossTerm):
         super().__init__()
         if bank_source not in _BANK_SOURCES:
             raise ValueError(f"SEMI.DGCL.BANK_SOURCE: unknown '{bank_source}'; known: {', '.join(_BANK_SOURCES)}")
+        if start not in _STARTS:
+            raise ValueError(f"SEMI.DGCL.START: unknown '{start}'; known: {', '.join(_STARTS)}")
+        if int(official_world_size) < 0:
+            raise ValueError(f"SEMI.DGCL.OFFICIAL_WORLD_SIZE: must be >= 0 (0 = off), got {official_world_size}")
         bad = [c for c in skip_classes if not 0 <= int(c) < num_classes]
         if bad:
             raise ValueError(f"SEMI.DGCL.SKIP_CLASSES: {bad} outside [0, {num_classes})")
@@ -148,6 +157,10 @@ class DGCLTerm(SemiLossTerm):
         self.num_classes = num_classes
         self.feature_dim = feature_dim
         self.weight = weight
+        self.start = start
+        # The official all_reduce + / world_size on the loss is not autograd-aware: its gradient is the local one
+        # divided by W, i.e. an effective weight WEIGHT / W whatever world size we run on (docs/methods/dgcl.md).
+        self.official_world_size = int(official_world_size)
         self.temperature = temperature
         self.num_anchors = num_anchors
         self.num_positives = num_positives
@@ -190,6 +203,8 @@ class DGCLTerm(SemiLossTerm):
             drop_percent=c.DROP_PERCENT,
             min_drop_percent=c.MIN_DROP_PERCENT,
             skip_classes=c.SKIP_CLASSES,
+            start=c.START,
+            official_world_size=c.OFFICIAL_WORLD_SIZE,
             bank_source=c.BANK_SOURCE,
             density_max_elements=c.DENSITY_MAX_ELEMENTS,
             burn_in_iters=cfg.SEMI.BURN_IN_ITERS,
@@ -252,7 +267,12 @@ class DGCLTerm(SemiLossTerm):
         loss, per_class, active = self.loss_from_pixels(f.detach(), z, labels)
         step.log("dgcl/active_classes", active.sum().float())
         step.log("dgcl/bank_fill", self.bank.count.float().mean() / self.bank.size)
-        return {"loss_dgcl": loss * self.weight}
+        return {"loss_dgcl": loss * self.effective_weight}
+
+    @property
+    def effective_weight(self) -> float:
+        """WEIGHT, or WEIGHT / OFFICIAL_WORLD_SIZE: the official code's effective lambda_c on that many GPUs."""
+        return self.weight / max(self.official_world_size, 1)
 
     def loss_from_pixels(
         self, feats: torch.Tensor, proj: torch.Tensor, labels: torch.Tensor, generator: Optional[torch.Generator] = None
@@ -277,7 +297,10 @@ class DGCLTerm(SemiLossTerm):
         prototypes = masked_prototype(torch.cat([batch_pos, mem_pos], 1), torch.cat([p_ok, m_ok], 1))
         n_index, n_ok = sample_negatives_per_class(labels, C, self.num_negatives, generator=generator)
         negatives = proj.detach()[n_index]
-        active = valid.any(1) & (self.bank.count >= max(self.min_fill, 1)) & ~self.skip_mask
+        filled = self.bank.count >= max(self.min_fill, 1)
+        if self.start == "all_classes":
+            filled = filled.all().expand_as(filled)
+        active = valid.any(1) & filled & ~self.skip_mask
         loss, per_class = dgcl_contrastive_loss(anchors, a_ok, prototypes, negatives, n_ok, active, self.temperature)
         return loss, per_class, active
 

@@ -1,8 +1,9 @@
 """SemiSegmentor: a student Segmentor, its EMA teacher and the configured loss terms.
 
 One training step (docs/architecture.md):
-  1. teacher (eval-mode BN, no autograd) on the weak unlabeled views -> probabilities, pseudo-labels,
-     confidence, entropy, features;
+  1. teacher (eval-mode BN, no autograd, fp32) on the weak unlabeled views -> probabilities, pseudo-labels,
+     confidence, entropy, features (``SEMI.TEACHER_TRAIN_MODE``: train-mode BN and dropout on cat(weak, labeled),
+     the official DGCL/DDFP computation; ``SEMI.TEACHER_AUTOCAST``: under the run's autocast);
   2. mixing masks (CutMix / ClassMix) applied to the strong views and to the teacher maps alike;
   3. the student runs ONCE on cat(labeled, strong[, weak]) and its outputs are split per part;
   4. each loss term reads the SemiStep record and returns named, weighted losses.
@@ -12,6 +13,9 @@ With ``SEMI.TEACHER_MODE "student"`` (UniMatch V1: no EMA copy) steps 1 and 3 be
       no-grad pass of the student in eval mode (BN running statistics) on the weak views, as UniMatch
       predicts its mixing partners with ``model.eval()``;
   3'. the student (train-mode BN) on the mixed strong views.
+With ``SEMI.TEACHER_MODE "student"`` AND ``SEMI.TEACHER_TRAIN_MODE`` (the official DDFP, whose "EMA teacher" aliases
+the student's parameters) step 1 is a no-grad train-mode pass of the student on cat(weak, labeled) (running
+statistics untouched) and step 3 is the default single student pass.
 After the optimizer step the trainer calls :meth:`after_optimizer_step` (stateful terms update their
 memory banks / flows); the EMA hook then updates the teacher. The task-agnostic half (teacher copy, burn-in,
 running the terms, metrics, state updates) is :class:`TeacherStudent`, shared with projects/SemiInstance.
@@ -19,7 +23,7 @@ On the steps where ``TrainingVisHook`` (``SEMI.VIS_PERIOD``) asks for pictures (
 leaves a small detached CPU copy of the first images of each part in ``vis_record``; no other step keeps
 anything beyond the optimizer step.
 """
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -39,6 +43,34 @@ from .segmentor import Segmentor
 from .teacher_student import TeacherStudent
 
 _MIX_TYPES = ("none", "cutmix", "classmix")
+
+
+@contextmanager
+def eval_mode(network: nn.Module):
+    """``network`` in eval mode, its previous mode restored on exit."""
+    was_training = network.training
+    network.eval()
+    try:
+        yield network
+    finally:
+        network.train(was_training)
+
+
+@contextmanager
+def batch_statistics_mode(network: nn.Module):
+    """``network`` in train mode (BN normalises with batch statistics, dropout is on) without touching its BN
+    running statistics; its previous mode restored on exit. For the official DGCL / DDFP teacher forward."""
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    was_training = network.training
+    network.train()
+    for m in norms:
+        m.track_running_stats = False  # train mode + no tracking: batch statistics, buffers left as they are
+    try:
+        yield network
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+        network.train(was_training)
 
 
 def split_outputs(outputs: Dict[str, torch.Tensor], sizes: Sequence[int]) -> List[Dict[str, torch.Tensor]]:
@@ -69,7 +101,8 @@ class SemiSegmentor(TeacherStudent):
         cutmix_area: Tuple[float, float] = (0.02, 0.4),
         cutmix_ratio: Tuple[float, float] = (0.3, 1 / 0.3),
         student_weak: bool = False,
-        teacher_autocast: bool = True,
+        teacher_autocast: bool = False,
+        teacher_train_mode: bool = False,
         teacher_mode: str = "ema",
     ):
         if mix_type not in _MIX_TYPES:
@@ -84,6 +117,7 @@ class SemiSegmentor(TeacherStudent):
         self.fp_dropout = max([float(t.feature_dropout) for t in terms.values()] + [0.0])
         self.teacher_labeled = any(t.needs_teacher_labeled for t in terms.values())
         self.teacher_autocast = teacher_autocast
+        self.teacher_train_mode = teacher_train_mode
         self.keep_vis = 0  # images per part to copy into vis_record on this step (set by TrainingVisHook)
         self.vis_record = None  # detached CPU copy for the pictures, taken by TrainingVisHook
 
@@ -103,6 +137,7 @@ class SemiSegmentor(TeacherStudent):
             cutmix_ratio=m.CUTMIX_RATIO,
             student_weak=cfg.SEMI.STUDENT_WEAK,
             teacher_autocast=cfg.SEMI.TEACHER_AUTOCAST,
+            teacher_train_mode=cfg.SEMI.TEACHER_TRAIN_MODE,
             teacher_mode=cfg.SEMI.TEACHER_MODE,
         )
 
@@ -179,16 +214,15 @@ class SemiSegmentor(TeacherStudent):
     @torch.no_grad()
     def _teacher_outputs(self, images: torch.Tensor, valid: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Teacher on normalised images -> fp32 maps at crop resolution + head outputs (one pass).
-        ``SEMI.TEACHER_MODE "student"``: the student in eval mode (BN running statistics) stands in for it."""
-        ctx = nullcontext() if self.teacher_autocast else torch.autocast(images.device.type, enabled=False)
+        ``SEMI.TEACHER_MODE "student"``: the student's own weights stand in for it.
+
+        In fp32 unless ``teacher_autocast`` (every official code pseudo-labels in fp32); with eval-mode BN unless
+        ``teacher_train_mode`` (batch statistics of ``images``, dropout on, running statistics untouched)."""
+        precision = nullcontext() if self.teacher_autocast else torch.autocast(images.device.type, enabled=False)
         network = self.teacher if self.teacher is not None else self.student
-        was_training = network.training
-        network.eval()
-        try:
-            with torch.inference_mode(), ctx:
-                out = network.extract(images)
-        finally:
-            network.train(was_training)
+        mode = batch_statistics_mode if self.teacher_train_mode else eval_mode
+        with torch.inference_mode(), precision, mode(network):
+            out = network.extract(images)
         # Leave inference mode: terms use these as targets of autograd ops.
         return self._teacher_maps({k: v.clone() for k, v in out.items() if v is not None}, images, valid)
 
@@ -243,7 +277,7 @@ class SemiSegmentor(TeacherStudent):
         weak = student.normalize(self._stack(unlabeled, "image"))
         strong = student.normalize(self._stack(unlabeled, "image_strong"))
         teacher_labeled, first = {}, None
-        if self.teacher_mode == "student":
+        if self.teacher_mode == "student" and not self.teacher_train_mode:
             # UniMatch V1 (no EMA copy). First the eval-mode pass: it sees the BN running statistics of before
             # this step's train-mode passes update them, as UniMatch's model.eval() on its mix batch.
             partners = self._teacher_outputs(weak, valid)
@@ -252,8 +286,10 @@ class SemiSegmentor(TeacherStudent):
             if self.teacher_labeled:
                 valid_l = torch.ones_like(targets, dtype=torch.bool)
                 teacher_labeled = self._teacher_maps(first[0], images_l, valid_l)
-        elif self.teacher_labeled:
-            # One teacher pass over both (eval-mode BN: batching does not change the result).
+        elif self.teacher_labeled or self.teacher_train_mode:
+            # One teacher pass over both: with eval-mode BN batching does not change the result; in train mode
+            # the batch statistics come from labeled + unlabeled images, as in the official DGCL / DDFP codes
+            # (with TEACHER_MODE "student" this no-grad pass of the student is the official DDFP "teacher").
             valid_l = torch.ones_like(targets, dtype=torch.bool)
             both = self._teacher_outputs(torch.cat([weak, images_l]), torch.cat([valid, valid_l]))
             own, teacher_labeled = split_outputs(both, [weak.shape[0], images_l.shape[0]])
