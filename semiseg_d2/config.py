@@ -152,6 +152,12 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.LOSSES = ["supervised", "pseudo_label"]  # loss terms from SEMI_LOSS_REGISTRY, in order
     cfg.SEMI.BURN_IN_ITERS = 0  # supervised-only iterations; the teacher is then copied from the student
     cfg.SEMI.WEIGHTS_FOR_EXPORT = "teacher"  # which network tools/export_model.py writes by default
+    # Where the teacher outputs come from. "ema": the EMA teacher (a frozen copy, eval-mode BN, SEMI.EMA.*).
+    # "student" (UniMatch V1): no copy; the student itself without gradient: its weak-view maps are the detached
+    # outputs of its train-mode pass over cat(labeled, weak), the mixing partners' maps come from a no-grad
+    # eval-mode pass (BN running statistics), as UniMatch's model.eval() on img_u_w_mix. No teacher exists:
+    # TEST.EVAL_TEACHER and SEMI.WEIGHTS_FOR_EXPORT "teacher" are errors, SEMI.EMA.* is unused.
+    cfg.SEMI.TEACHER_MODE = "ema"
     cfg.SEMI.EMA = CN()
     cfg.SEMI.EMA.MOMENTUM = 0.999
     # "constant": m; "warm_start": min(1 - 1/(it+1), m) (DGCL/U2PL);
@@ -211,6 +217,18 @@ def add_semiseg_config(cfg: CN) -> CN:
     # unlabeled pixels in the flow's NLL: "mixture" (every valid pixel, marginal density; reference code) or
     # "pseudo_label" (confident pixels, class-conditional on the teacher's pseudo-label, THRESHOLD)
     cfg.SEMI.DDFP.FLOW_UNLABELED_TARGET = "mixture"
+
+    # unimatch term (losses/unimatch.py, docs/methods/unimatch.md): Yang et al. CVPR 2023 (V1). The official total
+    # (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 = SEMI.SUPERVISED.WEIGHT 0.5 (the configs) + LOSS_SCALE * (...).
+    # Each part: CE summed over pixels with teacher confidence >= THRESHOLD / the stream's non-ignored pixels.
+    # Asks the engine for the second strong stream and (FP_DROPOUT > 0) the feature-perturbation stream.
+    cfg.SEMI.UNIMATCH = CN()
+    cfg.SEMI.UNIMATCH.THRESHOLD = 0.95  # conf_thresh (official: VOC 0.95; Cityscapes 0 in the current code)
+    cfg.SEMI.UNIMATCH.WEIGHT_S1 = 0.25  # first strong stream (image_strong, boxes mix_mask)
+    cfg.SEMI.UNIMATCH.WEIGHT_S2 = 0.25  # second strong stream (image_strong2, boxes mix_mask2)
+    cfg.SEMI.UNIMATCH.WEIGHT_FP = 0.5  # feature-perturbed weak view (must be 0 when FP_DROPOUT is 0)
+    cfg.SEMI.UNIMATCH.LOSS_SCALE = 0.5  # the official "/ 2", on the three parts above
+    cfg.SEMI.UNIMATCH.FP_DROPOUT = 0.5  # Dropout2d p on the weak view's backbone features (0 = no fp stream)
 
     # dgcl term (losses/dgcl.py, docs/methods/dgcl.md): density-guided contrastive loss + class-wise memory bank
     cfg.SEMI.DGCL = CN()
@@ -278,6 +296,18 @@ def check_semiseg_config(cfg: CN) -> None:
         raise RuntimeError(
             f"MODEL.DEVICE is '{cfg.MODEL.DEVICE}' (the GPU recipes' default) but no CUDA GPU is available: add "
             "`MODEL.DEVICE cpu SOLVER.AMP.ENABLED False MODEL.CHANNELS_LAST False` to run on the CPU (slowly)"
+        )
+
+
+def check_teacher_mode(cfg: CN) -> None:
+    """``SEMI.TEACHER_MODE "student"`` has no teacher network: keys that name one are errors, not ignored."""
+    if cfg.SEMI.TEACHER_MODE != "student":
+        return
+    if cfg.TEST.EVAL_TEACHER:
+        raise ValueError("SEMI.TEACHER_MODE 'student' has no teacher network to evaluate: set TEST.EVAL_TEACHER False")
+    if cfg.SEMI.WEIGHTS_FOR_EXPORT == "teacher":
+        raise ValueError(
+            "SEMI.TEACHER_MODE 'student' has no teacher network to export: set SEMI.WEIGHTS_FOR_EXPORT 'student'"
         )
 
 

@@ -236,7 +236,7 @@ def build_training(cfg, data):
     from detectron2.engine import hooks
     from detectron2.modeling import build_model
 
-    from semiseg_d2.engine.hooks import EMAHook
+    from semiseg_d2.engine.hooks import build_ema_hook
     from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainLoop, autocast_dtype
 
     model = build_model(cfg)
@@ -246,9 +246,8 @@ def build_training(cfg, data):
     loop = SemiSegTrainLoop(model, data, optimizer, amp_dtype=autocast_dtype(cfg),
                             check_finite=cfg.SEMI.NONFINITE_CHECK)
     trainer_hooks = [hooks.LRScheduler(optimizer, scheduler)]
-    if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor":
-        s = cfg.SEMI
-        trainer_hooks.append(EMAHook(s.EMA.MOMENTUM, s.EMA.SCHEDULE, s.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER))
+    if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor" and build_ema_hook(cfg) is not None:
+        trainer_hooks.append(build_ema_hook(cfg))
     loop.register_hooks(trainer_hooks)
     return model, loop
 

@@ -5,7 +5,9 @@
   ``is_train=False``: ``{"image": uint8[3,H,W] original size, "file_name", "height", "width"}``.
 - :class:`UnlabeledDatasetMapper`: ``{"image": weak uint8[3,H,W], "image_strong": uint8[3,H,W],
   "valid": bool[H,W] (False on padding), "file_name", "height", "width"}``; the strong view is the weak crop
-  after photometric-only augmentation, so both share the exact geometry. Labels are never read.
+  after photometric-only augmentation, so both share the exact geometry. Labels are never read. With
+  ``second_strong`` (a ``SEMI.LOSSES`` term declares ``needs_second_strong``: UniMatch) also ``"image_strong2"``,
+  a second, independent photometric draw of the same crop, drawn after the first (which is unchanged).
 
 ``height``/``width`` are the original image size. Randomness uses numpy's and torch's global RNGs, which
 detectron2 seeds per data-loader worker, so a run is reproducible given its seed.
@@ -166,7 +168,9 @@ class UnlabeledDatasetMapper:
         crop_size: Optional[Sequence[int]] = (512, 512),
         flip: bool = True,
         strong_aug: Optional[StrongPhotometricAug] = None,
+        second_strong: bool = False,
     ):
+        self.second_strong = second_strong
         self.scale_range = scale_range
         self.base_size = base_size
         self.crop_size = crop_size
@@ -175,7 +179,13 @@ class UnlabeledDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg):
-        return dict(strong_aug=StrongPhotometricAug.from_config(cfg), **_geometry_from_config(cfg))
+        from ..losses.registry import terms_declare  # the terms register on import of semiseg_d2.losses
+
+        return dict(
+            strong_aug=StrongPhotometricAug.from_config(cfg),
+            second_strong=terms_declare(cfg, "needs_second_strong"),
+            **_geometry_from_config(cfg),
+        )
 
     def __call__(self, record: Dict) -> Dict:
         image = d2_utils.read_image(record["file_name"], format="RGB")
@@ -185,7 +195,7 @@ class UnlabeledDatasetMapper:
             image, [(valid, 0)], self.scale_range, self.base_size, self.crop_size, self.flip
         )
         weak = _image_tensor(image)
-        return {
+        out = {
             "image": weak,
             "image_strong": self.strong_aug(weak),
             "valid": torch.from_numpy(valid.astype(bool)),
@@ -193,3 +203,6 @@ class UnlabeledDatasetMapper:
             "height": h,
             "width": w,
         }
+        if self.second_strong:
+            out["image_strong2"] = self.strong_aug(weak)
+        return out

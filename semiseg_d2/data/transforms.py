@@ -139,13 +139,18 @@ def classmix_masks(
     return masks
 
 
-def mix(x: torch.Tensor, mask: torch.Tensor, partner_index: torch.Tensor) -> torch.Tensor:
-    """``where(mask, x[partner_index], x)`` for ``x: [B, ..., H, W]`` and ``mask: bool[B, H, W]``
-    (broadcast over the channel dims between B and H, W)."""
+def mix(
+    x: torch.Tensor, mask: torch.Tensor, partner_index: torch.Tensor, source: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``where(mask, source[partner_index], x)`` for ``x: [B, ..., H, W]`` and ``mask: bool[B, H, W]``
+    (broadcast over the channel dims between B and H, W). ``source`` (default ``x``), shaped like ``x``, is
+    where the partners' pixels are read (e.g. the partners' maps from another pass of the same images)."""
     if mask.dim() != 3 or mask.shape[0] != x.shape[0] or mask.shape[1:] != x.shape[-2:]:
         raise ValueError(f"mix: mask {list(mask.shape)} does not match x {list(x.shape)} as [B,H,W] vs [B,...,H,W]")
+    if source is not None and source.shape != x.shape:
+        raise ValueError(f"mix: source {list(source.shape)} is not shaped like x {list(x.shape)}")
     m = mask.view(mask.shape[0], *([1] * (x.dim() - 3)), *mask.shape[1:])
-    return torch.where(m, x[partner_index], x)
+    return torch.where(m, (x if source is None else source)[partner_index], x)
 
 
 def shifted_partner_index(batch: int, device=None) -> torch.Tensor:

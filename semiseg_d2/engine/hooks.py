@@ -47,6 +47,14 @@ class EMAHook(HookBase):
         self.trainer.storage.put_scalar("ema_momentum", m, smoothing_hint=False)
 
 
+def build_ema_hook(cfg):
+    """The ``EMAHook`` of ``cfg.SEMI.EMA``; None with ``SEMI.TEACHER_MODE "student"`` (no teacher to update)."""
+    s = cfg.SEMI
+    if s.TEACHER_MODE == "student":
+        return None
+    return EMAHook(s.EMA.MOMENTUM, s.EMA.SCHEDULE, s.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER)
+
+
 class TrainingVisHook(HookBase):
     """TensorBoard pictures of the semi-supervised step every ``period`` iterations (``SEMI.VIS_PERIOD``).
 

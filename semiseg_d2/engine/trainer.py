@@ -8,7 +8,8 @@ conventions, with these changes:
 - checkpoints written atomically with RNG states and the config; resuming refuses another config
   and any missing/unexpected key;
 - SGD with backbone/head LR multipliers, parameters a loss term optimises itself left out;
-- ``SemiSegTrainer`` adds the EMA teacher hook, evaluates student and teacher, and runs stateful
+- ``SemiSegTrainer`` adds the EMA teacher hook (none with ``SEMI.TEACHER_MODE "student"``), evaluates student
+  and teacher, and runs stateful
   loss-term updates (memory banks, flows) after each optimizer step.
 """
 import logging
@@ -28,7 +29,7 @@ from ..config import check_semiseg_config
 from ..data.build import build_sem_seg_test_loader, build_sem_seg_train_loader, build_semi_train_loader
 from ..evaluation import build_sem_seg_evaluator
 from .checkpoint import SemiSegCheckpointer, capture_rng_state, restore_rng_state
-from .hooks import EMAHook, TrainingVisHook, unwrap_model
+from .hooks import TrainingVisHook, build_ema_hook, unwrap_model
 from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -270,14 +271,16 @@ class SemiSegTrainer(SegTrainer):
         if path:
             model = unwrap_model(self.model)
             SemiSegCheckpointer(model.student).load(path, checkpointables=[])
-            model.teacher.load_state_dict(model.student.state_dict())
+            if model.teacher is not None:  # SEMI.TEACHER_MODE "student" has none
+                model.teacher.load_state_dict(model.student.state_dict())
 
     def build_hooks(self):
         ret = super().build_hooks()
         cfg = self.cfg
-        ema = EMAHook(cfg.SEMI.EMA.MOMENTUM, cfg.SEMI.EMA.SCHEDULE, cfg.SEMI.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER)
-        # The teacher must be updated before checkpointing/evaluation of the same iteration.
-        ret.insert(2, ema)
+        ema = build_ema_hook(cfg)
+        if ema is not None:
+            # The teacher must be updated before checkpointing/evaluation of the same iteration.
+            ret.insert(2, ema)
         if cfg.SEMI.VIS_PERIOD > 0 and comm.is_main_process():
             meta = MetadataCatalog.get((cfg.DATASETS.TRAIN_LABELED or cfg.DATASETS.TRAIN)[0])
             vis = TrainingVisHook(cfg.SEMI.VIS_PERIOD, meta)

@@ -35,6 +35,11 @@ class SemiLossTerm(nn.Module):
         (e.g. the memory bank of Alonso et al. is filled from teacher features of labeled pixels).
       needs_unlabeled: the term reads unlabeled data (False for ``supervised``): during burn-in only
         terms with ``needs_unlabeled = False`` run.
+      needs_second_strong: the unlabeled mapper also makes a second strong view (``image_strong2``, its own
+        photometric draw) that the engine mixes with its own CutMix boxes -> ``SemiStep.*_strong2``
+        (UniMatch's dual streams); runs without such a term make and mix only one.
+      feature_dropout: > 0 asks for the feature-perturbation stream (UniMatch ``fp``): the student's head also
+        decodes Dropout2d(p)-perturbed backbone features of the weak views -> ``SemiStep.student_weak_fp``.
       task: the step record the term reads: ``"sem_seg"`` (:class:`~semiseg_d2.losses.step.SemiStep`, built by
         ``SemiSegmentor``) or another task's (e.g. ``"instance"``: projects/SemiInstance's ``InstanceStep``).
         A model builds only the terms of its own task (:func:`build_loss_terms`).
@@ -45,6 +50,8 @@ class SemiLossTerm(nn.Module):
     needs_student_weak: bool = False
     needs_teacher_labeled: bool = False
     needs_unlabeled: bool = True
+    needs_second_strong: bool = False
+    feature_dropout: float = 0.0
 
     def forward(self, step) -> Dict[str, torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -61,6 +68,13 @@ class SemiLossTerm(nn.Module):
 def known_loss_terms(task: Optional[str] = None) -> List[str]:
     """Registered term names (of one ``task`` when given)."""
     return sorted(name for name, cls in SEMI_LOSS_REGISTRY if task is None or getattr(cls, "task", "sem_seg") == task)
+
+
+def terms_declare(cfg, attribute: str) -> bool:
+    """Whether a term class of ``SEMI.LOSSES`` declares ``attribute`` (e.g. ``needs_second_strong``) true,
+    without building the terms (the data side asks before the model exists). Unknown names are left to
+    :func:`build_loss_terms`, which reports them."""
+    return any(getattr(SEMI_LOSS_REGISTRY.get(n), attribute, False) for n in cfg.SEMI.LOSSES if n in SEMI_LOSS_REGISTRY)
 
 
 def build_loss_terms(cfg, task: str = "sem_seg") -> nn.ModuleDict:

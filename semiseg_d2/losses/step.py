@@ -28,6 +28,11 @@ class SemiStep(StepRecord):
     ``supervised_losses(outputs, targets, pixel_weight)`` is the student's supervised criterion (CE/OHEM + aux).
     ``class_weights [C]``, when a term (``class_balance``) sets it, weights the supervised and pseudo-label
     cross-entropy per pixel by the class of its (pseudo-)label (Alonso et al., Eq. 3).
+    Dual strong streams (a term declares ``needs_second_strong``, UniMatch): ``strong_images2``,
+    ``student_strong2``, ``teacher_strong2`` and ``mix_mask2`` are the second strong view's, mixed with its own
+    CutMix boxes (same partners ``mix_partner``); empty/None otherwise. ``student_weak_fp`` (a term sets
+    ``feature_dropout``, UniMatch ``fp``): the student head's outputs on Dropout2d-perturbed backbone features
+    of the weak views (decoded in one batch with the clean pass that holds the weak views).
     ``student_decode(decoder_input, norms=None) -> (features, logits)`` re-runs the student's v3+ decoder
     (None for heads without ``decode``), e.g. on DDFP's perturbed decoder inputs.
     ``weak_images [Bu,3,H,W]`` (unmixed) and ``strong_images`` (mixed: what the student sees) are the
@@ -56,6 +61,11 @@ class SemiStep(StepRecord):
     weak_images: Optional[torch.Tensor] = None
     strong_images: Optional[torch.Tensor] = None
     keep_masks: Dict[str, torch.Tensor] = field(default_factory=dict)
+    strong_images2: Optional[torch.Tensor] = None
+    student_strong2: Dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_strong2: Dict[str, torch.Tensor] = field(default_factory=dict)
+    mix_mask2: Optional[torch.Tensor] = None
+    student_weak_fp: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """Mix ``x [Bu, ..., h, w]`` like the strong images (mask resized nearest to ``h, w``)."""

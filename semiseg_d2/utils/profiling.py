@@ -306,7 +306,7 @@ def attach_step_profiler(loop, prof: StepProfiler) -> List[str]:
     if hasattr(module, "terms") and hasattr(module, "teacher"):  # SemiSegmentor
         if prof.wrap_method(module, "_teacher_outputs", "teacher"):
             attached.append("forward/teacher")
-        elif prof.wrap_method(module.teacher, "extract", "teacher"):
+        elif module.teacher is not None and prof.wrap_method(module.teacher, "extract", "teacher"):
             attached.append("forward/teacher")
         if prof.wrap_method(module.student, "extract", "student"):
             attached.append("forward/student")

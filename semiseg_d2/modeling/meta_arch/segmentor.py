@@ -161,6 +161,24 @@ class Segmentor(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.sem_seg_head(self.backbone(images))
 
+    def extract_fp(self, images: torch.Tensor, dropout: float) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """UniMatch's feature perturbation: the head's outputs on the clean backbone features and on the same
+        features after ``Dropout2d(dropout)`` (always on, also in eval mode), decoded in ONE head batch
+        ``cat(clean, perturbed)`` as UniMatch's ``_decode(cat(c1, drop(c1)), cat(c4, drop(c4)))`` (its BN sees
+        both). Every backbone output is perturbed; the image is not. Returns ``(clean, perturbed)`` output dicts."""
+        if not 0.0 < dropout < 1.0:
+            raise ValueError(f"extract_fp: dropout must lie in (0, 1), got {dropout}")
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        feats = self.backbone(images)
+        both = {k: torch.cat([v, F.dropout2d(v, dropout, training=True)]) for k, v in feats.items()}
+        out = self.sem_seg_head(both)
+        clean, perturbed = {}, {}
+        for key, value in out.items():
+            if value is not None:
+                clean[key], perturbed[key] = value.chunk(2)
+        return clean, perturbed
+
     def pixel_loss(self, logits: torch.Tensor, targets: torch.Tensor, pixel_weight=None) -> torch.Tensor:
         """Unweighted ``MODEL.SEM_SEG_HEAD.LOSS_TYPE`` loss; ``logits [B,C,h,w]``, ``targets long [B,H,W]``;
         ``pixel_weight [B,H,W]`` (e.g. class balancing) multiplies each pixel's CE (mean over valid pixels)."""

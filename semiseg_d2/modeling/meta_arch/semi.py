@@ -6,6 +6,12 @@ One training step (docs/architecture.md):
   2. mixing masks (CutMix / ClassMix) applied to the strong views and to the teacher maps alike;
   3. the student runs ONCE on cat(labeled, strong[, weak]) and its outputs are split per part;
   4. each loss term reads the SemiStep record and returns named, weighted losses.
+With ``SEMI.TEACHER_MODE "student"`` (UniMatch V1: no EMA copy) steps 1 and 3 become two student passes:
+  1'. the student (train-mode BN, with autograd) on cat(labeled, weak); its weak outputs, detached, are the
+      teacher maps of the weak views; the maps pasted in from the mixing partners come from a separate
+      no-grad pass of the student in eval mode (BN running statistics) on the weak views, as UniMatch
+      predicts its mixing partners with ``model.eval()``;
+  3'. the student (train-mode BN) on the mixed strong views.
 After the optimizer step the trainer calls :meth:`after_optimizer_step` (stateful terms update their
 memory banks / flows); the EMA hook then updates the teacher. The task-agnostic half (teacher copy, burn-in,
 running the terms, metrics, state updates) is :class:`TeacherStudent`, shared with projects/SemiInstance.
@@ -22,7 +28,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-from ...config import check_semiseg_config
+from ...config import check_semiseg_config, check_teacher_mode
 from ...data.transforms import classmix_masks, cutmix_masks, mix, shifted_partner_index
 from ...evaluation.visualize import denormalize
 from ...losses.pseudo_label import softmax_entropy
@@ -63,15 +69,18 @@ class SemiSegmentor(TeacherStudent):
         cutmix_ratio: Tuple[float, float] = (0.3, 1 / 0.3),
         student_weak: bool = False,
         teacher_autocast: bool = True,
+        teacher_mode: str = "ema",
     ):
         if mix_type not in _MIX_TYPES:
             raise ValueError(f"SEMI.MIX.TYPE: unknown '{mix_type}'; known: {', '.join(_MIX_TYPES)}")
-        super().__init__(student, terms, max_iter, burn_in_iters)
+        super().__init__(student, terms, max_iter, burn_in_iters, teacher_mode)
         self.mix_type = mix_type
         self.mix_prob = mix_prob
         self.cutmix_area = tuple(cutmix_area)
         self.cutmix_ratio = tuple(cutmix_ratio)
         self.student_weak = student_weak or any(t.needs_student_weak for t in terms.values())
+        self.second_strong = any(t.needs_second_strong for t in terms.values())
+        self.fp_dropout = max([float(t.feature_dropout) for t in terms.values()] + [0.0])
         self.teacher_labeled = any(t.needs_teacher_labeled for t in terms.values())
         self.teacher_autocast = teacher_autocast
         self.keep_vis = 0  # images per part to copy into vis_record on this step (set by TrainingVisHook)
@@ -80,6 +89,7 @@ class SemiSegmentor(TeacherStudent):
     @classmethod
     def from_config(cls, cfg):
         check_semiseg_config(cfg)
+        check_teacher_mode(cfg)
         m = cfg.SEMI.MIX
         return dict(
             student=Segmentor(cfg),
@@ -92,6 +102,7 @@ class SemiSegmentor(TeacherStudent):
             cutmix_ratio=m.CUTMIX_RATIO,
             student_weak=cfg.SEMI.STUDENT_WEAK,
             teacher_autocast=cfg.SEMI.TEACHER_AUTOCAST,
+            teacher_mode=cfg.SEMI.TEACHER_MODE,
         )
 
     @property
@@ -166,12 +177,25 @@ class SemiSegmentor(TeacherStudent):
 
     @torch.no_grad()
     def _teacher_outputs(self, images: torch.Tensor, valid: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Teacher on normalised images -> fp32 maps at crop resolution + head outputs (one pass)."""
+        """Teacher on normalised images -> fp32 maps at crop resolution + head outputs (one pass).
+        ``SEMI.TEACHER_MODE "student"``: the student in eval mode (BN running statistics) stands in for it."""
         ctx = nullcontext() if self.teacher_autocast else torch.autocast(images.device.type, enabled=False)
-        with torch.inference_mode(), ctx:
-            out = self.teacher.extract(images)
+        network = self.teacher if self.teacher is not None else self.student
+        was_training = network.training
+        network.eval()
+        try:
+            with torch.inference_mode(), ctx:
+                out = network.extract(images)
+        finally:
+            network.train(was_training)
         # Leave inference mode: terms use these as targets of autograd ops.
-        out = {k: v.clone().float() for k, v in out.items() if v is not None}
+        return self._teacher_maps({k: v.clone() for k, v in out.items() if v is not None}, images, valid)
+
+    @torch.no_grad()
+    def _teacher_maps(self, out: Dict[str, torch.Tensor], images: torch.Tensor, valid: torch.Tensor):
+        """Head outputs (detached) -> fp32 copies + ``probs``/``confidence``/``pseudo_label``/``entropy``/``valid``
+        at crop resolution (pseudo-labels are ``ignore_value`` where not ``valid``)."""
+        out = {k: v.detach().float() for k, v in out.items() if v is not None}
         logits = F.interpolate(out["logits"], size=images.shape[-2:], mode="bilinear", align_corners=False)
         probs = logits.softmax(1)
         confidence, pseudo_label = probs.max(1)
@@ -217,32 +241,56 @@ class SemiSegmentor(TeacherStudent):
         valid = self._stack(unlabeled, "valid", torch.bool)
         weak = student.normalize(self._stack(unlabeled, "image"))
         strong = student.normalize(self._stack(unlabeled, "image_strong"))
-        teacher_labeled = {}
-        if self.teacher_labeled:
+        teacher_labeled, first = {}, None
+        if self.teacher_mode == "student":
+            # UniMatch V1 (no EMA copy). First the eval-mode pass: it sees the BN running statistics of before
+            # this step's train-mode passes update them, as UniMatch's model.eval() on its mix batch.
+            partners = self._teacher_outputs(weak, valid)
+            first = self._weak_pass(images_l, weak)
+            own = self._teacher_maps(first[1], weak, valid)
+            if self.teacher_labeled:
+                valid_l = torch.ones_like(targets, dtype=torch.bool)
+                teacher_labeled = self._teacher_maps(first[0], images_l, valid_l)
+        elif self.teacher_labeled:
             # One teacher pass over both (eval-mode BN: batching does not change the result).
             valid_l = torch.ones_like(targets, dtype=torch.bool)
             both = self._teacher_outputs(torch.cat([weak, images_l]), torch.cat([valid, valid_l]))
-            teacher_weak, teacher_labeled = split_outputs(both, [weak.shape[0], images_l.shape[0]])
+            own, teacher_labeled = split_outputs(both, [weak.shape[0], images_l.shape[0]])
+            partners = own
         else:
-            teacher_weak = self._teacher_outputs(weak, valid)
+            own = partners = self._teacher_outputs(weak, valid)
 
-        bu = weak.shape[0]
-        partner = shifted_partner_index(bu, device=weak.device)
-        mask = self._mix_masks(teacher_weak["pseudo_label"], partner)
-        strong = mix(strong, mask, partner)
-        teacher_strong = {
-            k: mix(teacher_weak[k], mask, partner)
-            for k in ("probs", "confidence", "pseudo_label", "entropy", "valid")
-        }
+        partner = shifted_partner_index(weak.shape[0], device=weak.device)
+        mask, strong, teacher_strong = self._mix_stream(strong, own, partners, partner)
+        stream2 = dict(strong_images2=None, student_strong2={}, teacher_strong2={}, mix_mask2=None)
+        strongs = [strong]
+        if self.second_strong:
+            # Its own photometric draw (mapper) and its own CutMix boxes; the same partner images (UniMatch).
+            mask2, strong2, teacher_strong2 = self._mix_stream(self._strong2(unlabeled), own, partners, partner)
+            stream2.update(strong_images2=strong2, teacher_strong2=teacher_strong2, mix_mask2=mask2)
+            strongs.append(strong2)
 
-        parts = [images_l, strong] + ([weak] if self.student_weak else [])
-        outputs = student.extract(torch.cat(parts))
-        split = split_outputs(outputs, [p.shape[0] for p in parts])
+        weak_fp = {}
+        if first is None and not self.fp_dropout:
+            # One student pass over every part (the default engine).
+            parts = [images_l, *strongs] + ([weak] if self.student_weak else [])
+            split = split_outputs(student.extract(torch.cat(parts)), [p.shape[0] for p in parts])
+            student_labeled, student_weak = split[0], split[-1] if self.student_weak else {}
+            student_strongs = split[1 : 1 + len(strongs)]
+        else:
+            # UniMatch's two passes: cat(labeled, weak) (with the fp stream), then the strong views.
+            if first is None:
+                first = self._weak_pass(images_l, weak)
+            student_labeled, student_weak, weak_fp = first
+            student_strongs = split_outputs(student.extract(torch.cat(strongs)), [x.shape[0] for x in strongs])
+        if self.second_strong:
+            stream2["student_strong2"] = student_strongs[1]
         return SemiStep(
-            student_labeled=split[0],
-            student_strong=split[1],
-            student_weak=split[2] if self.student_weak else {},
-            teacher_weak=teacher_weak,
+            student_labeled=student_labeled,
+            student_strong=student_strongs[0],
+            student_weak=student_weak,
+            student_weak_fp=weak_fp,
+            teacher_weak=own,
             teacher_strong=teacher_strong,
             teacher_labeled=teacher_labeled,
             unlabeled_valid=valid,
@@ -250,5 +298,37 @@ class SemiSegmentor(TeacherStudent):
             mix_partner=partner,
             weak_images=weak,
             strong_images=strong,
+            **stream2,
             **common,
         )
+
+    def _strong2(self, unlabeled: List[dict]) -> torch.Tensor:
+        if any("image_strong2" not in u for u in unlabeled):
+            raise KeyError(
+                "a SEMI.LOSSES term needs a second strong view (needs_second_strong) but an unlabeled record has no "
+                "'image_strong2': build the loader with UnlabeledDatasetMapper(cfg) (it makes one for such terms)"
+            )
+        return self.student.normalize(self._stack(unlabeled, "image_strong2"))
+
+    def _weak_pass(self, images_l: torch.Tensor, weak: torch.Tensor):
+        """The student (train mode) on cat(labeled, weak) -> ``(labeled, weak, weak_fp)`` output dicts;
+        ``weak_fp`` (with ``fp_dropout``) decodes the perturbed backbone features in the same head batch."""
+        sizes = [images_l.shape[0], weak.shape[0]]
+        if not self.fp_dropout:
+            labeled, weak_out = split_outputs(self.student.extract(torch.cat([images_l, weak])), sizes)
+            return labeled, weak_out, {}
+        clean, perturbed = self.student.extract_fp(torch.cat([images_l, weak]), self.fp_dropout)
+        labeled, weak_out = split_outputs(clean, sizes)
+        return labeled, weak_out, split_outputs(perturbed, sizes)[1]
+
+    def _mix_stream(self, strong: torch.Tensor, own: Dict[str, torch.Tensor], partners: Dict[str, torch.Tensor],
+                    partner: torch.Tensor):
+        """Draw one stream's mixing masks and mix its strong images and the teacher maps alike: pixels inside a
+        mask come from the partner image (its strong view; its maps in ``partners``), the rest from ``own``.
+        Returns ``(mask, mixed strong, teacher maps of the stream)``."""
+        mask = self._mix_masks(partners["pseudo_label"], partner)
+        maps = {
+            k: mix(own[k], mask, partner, source=partners[k])
+            for k in ("probs", "confidence", "pseudo_label", "entropy", "valid")
+        }
+        return mask, mix(strong, mask, partner), maps

@@ -1,7 +1,8 @@
 """TeacherStudent: the task-agnostic half of a semi-supervised meta-architecture.
 
 A student network, its EMA teacher (a frozen deep copy in eval mode, updated only by ``EMAHook``) and the
-``SEMI.LOSSES`` terms of one task. Subclasses build the task's step record (a
+``SEMI.LOSSES`` terms of one task. With ``teacher_mode="student"`` (``SEMI.TEACHER_MODE``, UniMatch) there is no
+teacher copy (``teacher`` is None): the subclass takes its teacher outputs from the student itself, without gradient. Subclasses build the task's step record (a
 :class:`~semiseg_d2.losses.step_record.StepRecord`) in ``forward`` and return :meth:`run_terms`'s losses.
 What the engine relies on (engine/trainer.py, engine/hooks.py):
   ``student`` / ``teacher`` attributes (EMAHook), ``iteration`` (set before each step), ``loss_owner``
@@ -16,15 +17,23 @@ import torch
 from torch import nn
 
 EVAL_NETWORKS = ("student", "teacher")
+TEACHER_MODES = ("ema", "student")
 
 
 class TeacherStudent(nn.Module):
-    def __init__(self, student: nn.Module, terms: nn.ModuleDict, max_iter: int, burn_in_iters: int = 0):
+    def __init__(
+        self, student: nn.Module, terms: nn.ModuleDict, max_iter: int, burn_in_iters: int = 0, teacher_mode: str = "ema"
+    ):
         super().__init__()
+        if teacher_mode not in TEACHER_MODES:
+            raise ValueError(f"SEMI.TEACHER_MODE: unknown {teacher_mode!r}; known: {', '.join(TEACHER_MODES)}")
+        self.teacher_mode = teacher_mode
         self.student = student
-        self.teacher = copy.deepcopy(student)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        self.teacher = None
+        if teacher_mode == "ema":
+            self.teacher = copy.deepcopy(student)
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
         self.terms = terms
         self.max_iter = int(max_iter)
         self.burn_in_iters = int(burn_in_iters)
@@ -35,7 +44,8 @@ class TeacherStudent(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # the teacher's normalisation statistics only ever come from the EMA
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher's normalisation statistics only ever come from the EMA
         return self
 
     @property
@@ -43,6 +53,8 @@ class TeacherStudent(nn.Module):
         """The network ``eval_network`` names ("student" or "teacher")."""
         if self.eval_network not in EVAL_NETWORKS:
             raise ValueError(f"eval_network must be 'student' or 'teacher', got {self.eval_network!r}")
+        if self.eval_network == "teacher" and self.teacher is None:
+            raise ValueError("eval_network 'teacher': SEMI.TEACHER_MODE 'student' has no teacher network")
         return getattr(self, self.eval_network)
 
     def in_burn_in(self) -> bool:
