@@ -230,6 +230,17 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.UNIMATCH.LOSS_SCALE = 0.5  # the official "/ 2", on the three parts above
     cfg.SEMI.UNIMATCH.FP_DROPOUT = 0.5  # Dropout2d p on the weak view's backbone features (0 = no fp stream)
 
+    # unimatch_v2 term (losses/unimatch_v2.py, docs/methods/unimatch_v2.md): UniMatch V2's two strong streams with
+    # complementary channel dropout on the student's encoder features; L = (L_x + (L_s1 + L_s2) / 2) / 2 with
+    # SEMI.SUPERVISED.WEIGHT 0.5 and an EMA teacher (SEMI.EMA: "warm_start", 0.996)
+    cfg.SEMI.UNIMATCH_V2 = CN()
+    cfg.SEMI.UNIMATCH_V2.THRESHOLD = 0.95  # conf_thresh (official: every dataset)
+    cfg.SEMI.UNIMATCH_V2.WEIGHT_S1 = 0.5  # the "(L_s1 + L_s2) / 2" ...
+    cfg.SEMI.UNIMATCH_V2.WEIGHT_S2 = 0.5
+    cfg.SEMI.UNIMATCH_V2.LOSS_SCALE = 0.5  # ... and the outer "/ 2" of the official loss
+    cfg.SEMI.UNIMATCH_V2.COMPLEMENTARY_DROPOUT = True  # masks m and 2 - m on the two streams' encoder channels
+    cfg.SEMI.UNIMATCH_V2.UNPERTURBED_FRACTION = 0.5  # share of image pairs left unperturbed (official 1 - 0.5)
+
     # dgcl term (losses/dgcl.py, docs/methods/dgcl.md): density-guided contrastive loss + class-wise memory bank
     cfg.SEMI.DGCL = CN()
     cfg.SEMI.DGCL.WEIGHT = 0.5  # lambda_c of L = L_sup + lambda_u L_u + lambda_c L_dgcl (paper/reference: 0.5)

@@ -155,11 +155,21 @@ class Segmentor(nn.Module):
         """``images: uint8/float [B, 3, H, W]`` RGB 0..255 -> float ``(x - mean) / std``."""
         return (images.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
 
-    def extract(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``images: float [B, 3, H, W]`` normalised -> the head's output dict (see docs/architecture.md)."""
+    def extract(self, images: torch.Tensor, channel_scale: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``images: float [B, 3, H, W]`` normalised -> the head's output dict (see docs/architecture.md).
+
+        ``channel_scale [B, D]`` multiplies every backbone output channel-wise before the head (UniMatch V2's
+        complementary dropout; every backbone output needs D channels)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.sem_seg_head(self.backbone(images))
+        feats = self.backbone(images)
+        if channel_scale is not None:
+            bad = {k: v.shape[1] for k, v in feats.items() if v.shape[1] != channel_scale.shape[1]}
+            if bad:
+                raise ValueError(f"channel_scale has {channel_scale.shape[1]} channels, backbone outputs {bad}")
+            scale = channel_scale.to(images.dtype)[:, :, None, None]
+            feats = {k: v * scale for k, v in feats.items()}
+        return self.sem_seg_head(feats)
 
     def extract_fp(self, images: torch.Tensor, dropout: float) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """UniMatch's feature perturbation: the head's outputs on the clean backbone features and on the same
