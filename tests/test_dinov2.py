@@ -327,3 +327,27 @@ def test_exact_resume_of_a_tiny_vit_semi_run(tmp_path):
     sa, sb = ref.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert sa.keys() == sb.keys()
     assert all(torch.allclose(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"], atol=1e-9) for i in sa)
+
+
+# ------------------------------------------------------------------ shipped configs
+@pytest.mark.parametrize("name", [
+    "voc/unimatch_v2_dinov2_b_92.yaml", "cityscapes/unimatch_v2_dinov2_s_1-16.yaml", "voc/dgcl_dinov2_b_92.yaml",
+    "cityscapes/ddfp_dinov2_b_186.yaml", "voc/supervised_dinov2_b_92.yaml",
+])
+def test_dinov2_configs_build_with_a_tiny_vit(name):
+    import os
+
+    from semiseg_d2.config import get_semiseg_cfg
+
+    cfg = get_semiseg_cfg()
+    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "configs", name))
+    assert cfg.SOLVER.OPTIMIZER == "AdamW" and cfg.SOLVER.BASE_LR == 5e-6 and cfg.SOLVER.HEAD_LR_MULTIPLIER == 40
+    assert all(s % 14 == 0 for s in cfg.INPUT.CROP.SIZE)
+    if "unimatch_v2" in name:
+        assert (cfg.SEMI.EMA.MOMENTUM, cfg.SEMI.EMA.SCHEDULE) == (0.996, "warm_start")
+    apply_overrides(cfg, {"MODEL.DEVICE": "cpu", "MODEL.DINOV2.EMBED_DIM": 32, "MODEL.DINOV2.DEPTH": 12,
+                          "MODEL.DINOV2.NUM_HEADS": 2, "SOLVER.AMP.ENABLED": False})
+    model = build_model(cfg)
+    student = getattr(model, "student", model)
+    assert student.size_divisibility == 14 and student.feature_dim == cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
+    assert student.backbone.taps == (2, 5, 8, 11)
