@@ -73,6 +73,14 @@ METHODS = {
         "SEMI.DDFP.FLOW_HIDDEN": [32, 32],
         "SEMI.DDFP.FLOW_SAMPLES": 256,
     })),
+    "unimatch": ("SemiSegmentor", dict(_COMMON_SEMI, **{
+        "SEMI.LOSSES": ["supervised", "unimatch"],
+        "SEMI.TEACHER_MODE": "student",  # the official V1 teacher: the student itself
+        "TEST.EVAL_TEACHER": False,
+        "SEMI.WEIGHTS_FOR_EXPORT": "student",
+        "SEMI.SUPERVISED.WEIGHT": 0.5,
+        "SEMI.UNIMATCH.THRESHOLD": 0.0,
+    })),
 }
 
 
@@ -102,7 +110,7 @@ def run_method(method: str, steps: int = STEPS) -> dict:
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    from semiseg_d2.engine.hooks import EMAHook
+    from semiseg_d2.engine.hooks import build_ema_hook
     from semiseg_d2.engine.optimizer import build_optimizer
     from semiseg_d2.engine.trainer import SemiSegTrainLoop
 
@@ -113,13 +121,12 @@ def run_method(method: str, steps: int = STEPS) -> dict:
         model = build_model(cfg)
         model.train()
         optimizer = build_optimizer(cfg, model)
-        batches = [fake_batch(seed=10 + i) for i in range(steps)]
+        batches = [fake_batch(seed=10 + i, strong2=getattr(model, "second_strong", False)) for i in range(steps)]
         if not semi:
             batches = [labeled for labeled, _ in batches]
         loop = SemiSegTrainLoop(model, batches, optimizer, amp_dtype=None, check_finite=True)
-        if semi:
-            s = cfg.SEMI
-            loop.register_hooks([EMAHook(s.EMA.MOMENTUM, s.EMA.SCHEDULE, s.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER)])
+        if semi and build_ema_hook(cfg) is not None:  # SEMI.TEACHER_MODE "student" has no teacher to update
+            loop.register_hooks([build_ema_hook(cfg)])
         captured = []
         handle = model.register_forward_hook(
             lambda m, args, out: captured.append({k: float(v.detach()) for k, v in out.items()})
@@ -136,7 +143,8 @@ def run_method(method: str, steps: int = STEPS) -> dict:
     net = model.student if semi else model
     checks = {"weights": _checksum(net.parameters())}
     if semi:
-        checks["teacher"] = _checksum(list(model.teacher.parameters()) + list(model.teacher.buffers()))
+        if model.teacher is not None:
+            checks["teacher"] = _checksum(list(model.teacher.parameters()) + list(model.teacher.buffers()))
         for name, term in model.terms.items():
             state = [v for k, v in term.state_dict().items()]
             if state:

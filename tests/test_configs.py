@@ -20,7 +20,7 @@ CONFIGS = sorted(
 
 def test_there_are_configs_for_every_method():
     names = " ".join(os.path.basename(p) for p in CONFIGS)
-    for method in ("supervised", "mean_teacher", "dgcl", "ddfp", "memory_contrast"):
+    for method in ("supervised", "mean_teacher", "dgcl", "ddfp", "memory_contrast", "unimatch"):
         assert method in names, method
     assert os.path.exists(os.path.join(ROOT, "configs", "dgcl_city.yaml"))
 
@@ -42,7 +42,8 @@ def test_config_loads_and_names_registered_datasets(path):
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "cityscapes/dgcl_186" in p or "voc/mean_teacher_92" in p
-                                  or "camvid/mean_teacher" in p or "gta5_city/memory_contrast_R101_dlv2_1-30" in p])
+                                  or "camvid/mean_teacher" in p or "gta5_city/memory_contrast_R101_dlv2_1-30" in p
+                                  or "voc/unimatch_dgcl_92" in p])
 def test_config_builds_a_model_with_tiny_widths(path):
     cfg = get_semiseg_cfg()
     cfg.merge_from_file(path)

@@ -15,11 +15,7 @@ UNIMATCH = {"SEMI.LOSSES": ["supervised", "unimatch"], "SEMI.UNIMATCH.THRESHOLD"
 
 
 def unimatch_batch(bu=2, seed=0):
-    """fake_batch with a second strong view (what UnlabeledDatasetMapper makes for the unimatch term)."""
-    labeled, unlabeled = fake_batch(bu=bu, seed=seed)
-    for u in unlabeled:
-        u["image_strong2"] = u["image"] // 2 + 64
-    return labeled, unlabeled
+    return fake_batch(bu=bu, seed=seed, strong2=True)
 
 
 def _record():
@@ -207,3 +203,100 @@ def test_loss_equals_the_official_formula_on_fixed_tensors():
     # Normalised by the stream's non-ignored pixels, not by the kept ones: a higher threshold shrinks the loss.
     term.threshold = 0.99
     assert term(step)["loss_unimatch_s1"] < losses["loss_unimatch_s1"]
+
+
+# ------------------------------------------------------------------ the recipe
+def _resolved(name, world):
+    import os
+
+    from semiseg_d2.config import get_semiseg_cfg
+    from semiseg_d2.engine.trainer import SemiSegTrainer
+
+    cfg = get_semiseg_cfg()
+    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "configs", name))
+    return SemiSegTrainer.auto_scale_workers(cfg, world)
+
+
+def _epochs(cfg, split_dir, world=4, per_gpu=2):
+    """Iterations -> epochs as the official loop counts them (DistributedSampler + drop_last on each rank)."""
+    import math
+    import os
+
+    from semiseg_d2.data.splits.splits import SHIPPED_SPLITS_DIR, read_list
+
+    n_unlabeled = len(read_list(os.path.join(SHIPPED_SPLITS_DIR, split_dir, "unlabeled.txt")))
+    return cfg.SOLVER.MAX_ITER / (math.ceil(n_unlabeled / world) // per_gpu)
+
+
+@pytest.mark.parametrize("name, split, official", [
+    ("voc/unimatch_92.yaml", "pascal/92", dict(crop=321, epochs=80, lr=1e-3, lr_multi=10.0, thresh=0.95, loss="cross_entropy")),
+    ("cityscapes/unimatch_186.yaml", "cityscapes/186", dict(crop=801, epochs=240, lr=5e-3, lr_multi=1.0, thresh=0.0, loss="ohem")),
+])  # fmt: skip
+def test_configs_resolve_to_the_official_recipe(name, split, official):
+    """UniMatch's configs/{pascal,cityscapes}.yaml + unimatch.py, on its 4 GPUs x (2 + 2), and the same recipe per
+    GPU on 1 process (REFERENCE_WORLD_SIZE: batch and lr / 4, iterations x 4)."""
+    cfg = _resolved(name, 4)
+    s = cfg.SOLVER
+    assert (s.IMS_PER_BATCH, s.IMS_PER_BATCH_UNLABELED, s.REFERENCE_WORLD_SIZE) == (8, 8, 4)
+    assert s.BASE_LR == official["lr"] and s.HEAD_LR_MULTIPLIER == official["lr_multi"] and s.BACKBONE_LR_MULTIPLIER == 1
+    assert (s.MOMENTUM, s.WEIGHT_DECAY, s.POLY_LR_POWER, s.WARMUP_ITERS, s.LR_SCHEDULER_NAME) == (
+        0.9, 1e-4, 0.9, 0, "WarmupPolyLR")
+    assert _epochs(cfg, split) == official["epochs"]
+    assert tuple(cfg.INPUT.CROP.SIZE) == (official["crop"],) * 2 and list(cfg.INPUT.SCALE_RANGE) == [0.5, 2.0]
+    assert cfg.INPUT.RANDOM_FLIP == "horizontal" and cfg.INPUT.BASE_SIZE == 0
+    st = cfg.INPUT.STRONG
+    assert (st.COLOR_JITTER_PROB, list(st.COLOR_JITTER), st.GRAYSCALE_PROB, st.BLUR_PROB, list(st.BLUR_SIGMA)) == (
+        0.8, [0.5, 0.5, 0.5, 0.25], 0.2, 0.5, [0.1, 2.0])
+    m = cfg.MODEL
+    assert (m.RESNETS.DEPTH, m.RESNETS.OUTPUT_STRIDE, list(m.RESNETS.RES5_MULTI_GRID), m.RESNETS.STEM_TYPE) == (
+        101, 16, [1, 1, 1], "deeplab")
+    assert list(m.SEM_SEG_HEAD.ASPP_DILATIONS) == [6, 12, 18] and m.SEM_SEG_HEAD.AUX_LOSS_WEIGHT == 0
+    assert m.SEM_SEG_HEAD.LOSS_TYPE == official["loss"]
+    if official["loss"] == "ohem":
+        assert (m.SEM_SEG_HEAD.OHEM_THRESH, m.SEM_SEG_HEAD.OHEM_MIN_KEPT) == (0.7, 200000)
+        assert cfg.TEST.SLIDING_WINDOW.ENABLED and tuple(cfg.TEST.SLIDING_WINDOW.SIZE) == (801, 801)
+        assert tuple(cfg.TEST.SLIDING_WINDOW.STRIDE) == (int(801 * 2 / 3),) * 2
+    else:
+        assert not cfg.TEST.SLIDING_WINDOW.ENABLED and not cfg.TEST.AUG.ENABLED
+    semi = cfg.SEMI
+    assert list(semi.LOSSES) == ["supervised", "unimatch"] and semi.TEACHER_MODE == "student" and semi.BURN_IN_ITERS == 0
+    u = semi.UNIMATCH
+    # (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2
+    assert (semi.SUPERVISED.WEIGHT, u.WEIGHT_S1 * u.LOSS_SCALE, u.WEIGHT_S2 * u.LOSS_SCALE, u.WEIGHT_FP * u.LOSS_SCALE) == (
+        0.5, 0.125, 0.125, 0.25)
+    assert u.THRESHOLD == official["thresh"] and u.FP_DROPOUT == 0.5
+    mix = semi.MIX
+    assert (mix.TYPE, mix.PROB, list(mix.CUTMIX_AREA)) == ("cutmix", 0.5, [0.02, 0.4])
+    assert mix.CUTMIX_RATIO[0] == 0.3 and mix.CUTMIX_RATIO[1] == pytest.approx(1 / 0.3)
+
+    one = _resolved(name, 1)  # one process: the per-GPU batch, lr / 4, 4x the iterations
+    assert (one.SOLVER.IMS_PER_BATCH, one.SOLVER.IMS_PER_BATCH_UNLABELED) == (2, 2)
+    assert one.SOLVER.BASE_LR == pytest.approx(official["lr"] / 4) and one.SOLVER.MAX_ITER == 4 * cfg.SOLVER.MAX_ITER
+
+
+# ------------------------------------------------------------------ engine: exact resume
+def test_resume_is_exact(tmp_path):
+    """Student-mode UniMatch (dual streams, fp dropout draws) resumed from a mid-run checkpoint ends bit-identical
+    to the uninterrupted run: the RNG states (CutMix boxes, Dropout2d) and the data stream are restored."""
+    import shutil
+
+    from semiseg_d2.engine.trainer import SemiSegTrainer
+    from tests.test_train_e2e import camvid_semi_cfg
+
+    extra = {"SEMI.LOSSES": ["supervised", "unimatch"], "SEMI.UNIMATCH.THRESHOLD": 0.0, **STUDENT_MODE,
+             "SEMI.BURN_IN_ITERS": 1, "SOLVER.CHECKPOINT_PERIOD": 2}  # fmt: skip
+
+    def train(out, resume=False):
+        trainer = SemiSegTrainer(camvid_semi_cfg(out, 4, **extra))
+        trainer.resume_or_load(resume=resume)
+        trainer.train()
+        return torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+
+    ref = train(tmp_path / "ref")
+    (tmp_path / "run").mkdir()
+    shutil.copy(tmp_path / "ref" / "model_0000001.pth", tmp_path / "run")
+    (tmp_path / "run" / "last_checkpoint").write_text("model_0000001.pth")
+    got = train(tmp_path / "run", resume=True)
+    assert ref.keys() == got.keys() and not any(k.startswith("teacher.") for k in ref)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k

@@ -67,7 +67,9 @@ def apply_overrides(cfg, overrides):
     return cfg
 
 
-def fake_batch(bl=2, bu=2, h=48, w=64, seed=0):
+def fake_batch(bl=2, bu=2, h=48, w=64, seed=0, strong2=False):
+    """Random labeled + unlabeled records (last 5 columns of the unlabeled views are padding); ``strong2`` adds the
+    second strong view that terms with ``needs_second_strong`` (unimatch) read."""
     g = torch.Generator().manual_seed(seed)
     labeled = [
         {"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
@@ -80,6 +82,8 @@ def fake_batch(bl=2, bu=2, h=48, w=64, seed=0):
         valid = torch.ones(h, w, dtype=torch.bool)
         valid[:, -5:] = False
         unlabeled.append({"image": img, "image_strong": 255 - img, "valid": valid})
+        if strong2:
+            unlabeled[-1]["image_strong2"] = img // 2 + 64
     return labeled, unlabeled
 
 

@@ -50,6 +50,7 @@ METHODS = OrderedDict(
         ("dgcl", ("study_dgcl.yaml", "DGCL")),
         ("ddfp", ("study_ddfp.yaml", "DDFP")),
         ("dgcl_ddfp", ("study_dgcl_ddfp.yaml", "DGCL + DDFP")),
+        ("unimatch", ("study_unimatch.yaml", "UniMatch")),
     ]
 )
 CONFIG_DIR = os.path.join("configs", "camvid")
