@@ -351,3 +351,29 @@ def test_dinov2_configs_build_with_a_tiny_vit(name):
     student = getattr(model, "student", model)
     assert student.size_divisibility == 14 and student.feature_dim == cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
     assert student.backbone.taps == (2, 5, 8, 11)
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_benchmark_runs_a_dinov2_config_and_reports_peak_memory(tmp_path, grad_checkpoint):
+    """tools/benchmark.py --synthetic on the CPU, one fresh process per setting (max RSS only grows in a process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = _semi_vit_cfg(**{"SEMI.LOSSES": ["supervised", "unimatch_v2"], "SEMI.UNIMATCH_V2.THRESHOLD": 0.0})
+    path = tmp_path / "tiny_unimatch_v2.yaml"
+    path.write_text(cfg.dump())
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, os.path.join(root, "tools", "benchmark.py"), "--config-file", str(path), "--synthetic",
+           "--device", "cpu", "--iters", "1", "--warmup", "1", "--json", str(out),
+           "MODEL.DINOV2.GRAD_CHECKPOINT", str(grad_checkpoint)]
+    run = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["status"] == "ok" and report["losses"] == ["supervised", "unimatch_v2"]
+    assert report["overrides"] == ["MODEL.DINOV2.GRAD_CHECKPOINT", str(grad_checkpoint)]
+    assert report["peak_memory_kind"] == "cpu_max_rss" and report["peak_memory_bytes"] > 0
+    assert "forward/loss:unimatch_v2" in report["breakdown"]

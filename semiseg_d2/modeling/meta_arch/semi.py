@@ -280,7 +280,7 @@ class SemiSegmentor(TeacherStudent):
             # One student pass over every part (the default engine).
             parts = [images_l, *strongs] + ([weak] if self.student_weak else [])
             scale = self._channel_scale([p.shape[0] for p in parts], start=1, device=weak.device)
-            split = split_outputs(student.extract(torch.cat(parts), scale), [p.shape[0] for p in parts])
+            split = split_outputs(self._extract(torch.cat(parts), scale), [p.shape[0] for p in parts])
             student_labeled, student_weak = split[0], split[-1] if self.student_weak else {}
             student_strongs = split[1 : 1 + len(strongs)]
         else:
@@ -289,7 +289,7 @@ class SemiSegmentor(TeacherStudent):
                 first = self._weak_pass(images_l, weak)
             student_labeled, student_weak, weak_fp = first
             scale = self._channel_scale([x.shape[0] for x in strongs], start=0, device=weak.device)
-            student_strongs = split_outputs(student.extract(torch.cat(strongs), scale), [x.shape[0] for x in strongs])
+            student_strongs = split_outputs(self._extract(torch.cat(strongs), scale), [x.shape[0] for x in strongs])
         if self.second_strong:
             stream2["student_strong2"] = student_strongs[1]
         return SemiStep(
@@ -308,6 +308,12 @@ class SemiSegmentor(TeacherStudent):
             **stream2,
             **common,
         )
+
+    def _extract(self, images: torch.Tensor, channel_scale):
+        """The student on ``images``, with UniMatch V2's channel scales when there are any."""
+        if channel_scale is None:
+            return self.student.extract(images)
+        return self.student.extract(images, channel_scale=channel_scale)
 
     def _channel_scale(self, sizes: Sequence[int], start: int, device):
         """``[sum(sizes), D]`` channel scales for one student batch whose parts ``start`` and ``start + 1`` are the
