@@ -60,7 +60,7 @@ def _check_breakdown(report):
     assert 0.8 < shares < 1.2  # shares of medians: roughly, not exactly, 1
 
 
-@pytest.mark.parametrize("method", ["supervised", "dgcl"])
+@pytest.mark.parametrize("method", ["supervised", "dgcl", "unimatch"])
 def test_synthetic_report_schema_and_breakdown(tmp_path, method):
     code, report = _run(tmp_path, ["--config-file", _config(tmp_path, method), "--synthetic", "--iters", "3",
                                    "--warmup", "1", "--device", "cpu"])
@@ -78,7 +78,10 @@ def test_synthetic_report_schema_and_breakdown(tmp_path, method):
     assert report["peak_memory_bytes"] > 0 and report["peak_memory_kind"] == "cpu_max_rss"
     names = set(report["breakdown"])
     expected = {"data", "backward", "optimizer", "zero_grad", "metrics", "forward/student", "forward/self"}
-    if semi:
+    if method == "unimatch":  # the student is its own teacher: no EMA hook; the fp pass and two strong streams
+        expected |= {"forward/teacher/student", "forward/student_fp", "forward/loss:supervised", "forward/loss:unimatch"}
+        assert "ema" not in names
+    elif semi:
         expected |= {"forward/teacher", "forward/loss:supervised", "forward/loss:pseudo_label", "forward/loss:dgcl",
                      "term_updates/update:dgcl", "ema"}
         assert report["banks_filled"] == 1  # the DGCL bank, filled so that its loss runs

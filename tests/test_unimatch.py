@@ -300,3 +300,23 @@ def test_resume_is_exact(tmp_path):
     assert ref.keys() == got.keys() and not any(k.startswith("teacher.") for k in ref)
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+def test_unimatch_combines_with_dgcl_in_one_run():
+    """["supervised", "unimatch", "dgcl"]: DGCL reads the weak views' student features of UniMatch's first pass and
+    the teacher maps of the first stream; every term returns a finite loss that trains the student."""
+    from tests.tiny import TINY_DGCL
+
+    torch.manual_seed(0)
+    cfg = semi_cfg(**{**TINY_DGCL, **STUDENT_MODE, "SEMI.LOSSES": ["supervised", "unimatch", "dgcl"],
+                      "SEMI.UNIMATCH.THRESHOLD": 0.0, "SEMI.MIX.PROB": 1.0, "SEMI.DGCL.MIN_FILL": 1})
+    model = build_model(cfg)
+    model.train()
+    for it in range(2):  # the bank fills after the first step, DGCL's loss runs on the second
+        model.iteration = it
+        losses = model(unimatch_batch(seed=it))
+        total = sum(losses.values())
+        total.backward()
+        model.after_optimizer_step()
+    assert {"loss_unimatch_s1", "loss_unimatch_fp", "loss_dgcl"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_dgcl"] > 0

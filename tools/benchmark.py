@@ -156,21 +156,20 @@ def _block_labels(g: torch.Generator, num_classes: int, h: int, w: int, block: i
 class SyntheticBatches:
     """Endless batches shaped like the config's training loader output (docs/architecture.md "Mapper outputs"):
     labeled ``{"image" uint8[3,H,W], "sem_seg" long[H,W]}`` and, for SemiSegmentor, unlabeled ``{"image",
-    "image_strong", ["image_strong2",] "valid"}`` at the crop size (the second strong view when a term declares
-    ``needs_second_strong``: UniMatch, UniMatch V2), per-process batch sizes. A small pool is built once and cycled,
+    "image_strong", "valid"}`` (+ ``"image_strong2"`` for terms with ``needs_second_strong``) at the crop size, per-process batch sizes. A small pool is built once and cycled,
     so the data cost is ~0 (use the real loader, or ``--data-only``, to measure the input pipeline)."""
 
     def __init__(self, cfg, pool: int = 2, seed: int = 0):
-        from semiseg_d2.losses.registry import terms_declare
-
         h, w = (int(s) for s in cfg.INPUT.CROP.SIZE)
         c = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
         g = torch.Generator().manual_seed(seed)
         bl = int(cfg.SOLVER.IMS_PER_BATCH)
         semi = cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor"
-        strong2 = semi and terms_declare(cfg, "needs_second_strong")
         bu = int(cfg.SOLVER.IMS_PER_BATCH_UNLABELED) if semi else 0
         names = list(cfg.DATASETS.TRAIN_LABELED) or list(cfg.DATASETS.TRAIN) or ["synthetic"]
+        from semiseg_d2.losses.registry import terms_declare
+
+        strong2 = semi and terms_declare(cfg, "needs_second_strong")  # UniMatch's second strong stream
         self.labeled_per_batch, self.unlabeled_per_batch = bl, bu
         self.batches = []
         for _ in range(pool):

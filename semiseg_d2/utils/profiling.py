@@ -13,6 +13,7 @@ and by optimizer step hooks:
     forward                   the model call (own time: stacking, normalisation, mixing, splitting)
       teacher                 SemiSegmentor: teacher pass + its pseudo-label maps (``_teacher_outputs``)
       student                 student network (``student.extract``; Segmentor: ``extract``)
+      student_fp              UniMatch's pass with the feature-perturbed copy (``student.extract_fp``)
       loss:<term>             each loss term's forward (Segmentor: ``loss:supervised``)
     host_sync                 ``_losses_to_host``: the step's one device->host copy of losses and metrics
     finite_check              ``_raise_if_not_finite`` (when the loop has it)
@@ -310,6 +311,8 @@ def attach_step_profiler(loop, prof: StepProfiler) -> List[str]:
             attached.append("forward/teacher")
         if prof.wrap_method(module.student, "extract", "student"):
             attached.append("forward/student")
+        if getattr(module, "fp_dropout", 0) and prof.wrap_method(module.student, "extract_fp", "student_fp"):
+            attached.append("forward/student_fp")  # UniMatch: cat(labeled, weak) with the perturbed features
         for name, term in module.terms.items():
             if prof.wrap_method(term, "forward", f"loss:{name}"):
                 attached.append(f"forward/loss:{name}")
