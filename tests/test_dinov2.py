@@ -367,7 +367,7 @@ def test_benchmark_runs_a_dinov2_config_and_reports_peak_memory(tmp_path, grad_c
     path.write_text(cfg.dump())
     out = tmp_path / "report.json"
     cmd = [sys.executable, os.path.join(root, "tools", "benchmark.py"), "--config-file", str(path), "--synthetic",
-           "--device", "cpu", "--iters", "1", "--warmup", "1", "--json", str(out),
+           "--device", "cpu", "--iters", "1", "--warmup", "0", "--json", str(out),
            "MODEL.DINOV2.GRAD_CHECKPOINT", str(grad_checkpoint)]
     run = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"), capture_output=True,
                          text=True)
