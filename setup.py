@@ -8,5 +8,5 @@ setup(
     package_data={"semiseg_d2": ["data/splits/**/*.txt"]},
     include_package_data=True,
     python_requires=">=3.10",
-    install_requires=["numpy<2", "opencv-python-headless<4.11", "fvcore", "iopath", "scipy"],
+    install_requires=["numpy<2", "opencv-python-headless<4.11", "fvcore", "iopath", "scipy", "timm"],
 )

@@ -43,7 +43,28 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.MODEL.CHANNELS_LAST = False  # run convolutions in channels_last memory format (GPU speed)
     cfg.MODEL.DEVICE = "cpu"  # detectron2 default is "cuda"; GPU configs set "cuda"
 
-    cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV3PlusFeatHead"  # or "DeepLabV2Head"
+    # DINOv2 ViT backbone (MODEL.BACKBONE.NAME "D2DinoV2", modeling/backbone/dinov2.py; README "Foundation encoders")
+    cfg.MODEL.DINOV2 = CN()
+    cfg.MODEL.DINOV2.SIZE = "base"  # "small" (ViT-S/14), "base" (ViT-B/14), "large" (ViT-L/14)
+    cfg.MODEL.DINOV2.REGISTERS = False  # the 4-register variants (dinov2_vit*14_reg4)
+    # Blocks whose normed patch tokens feed the head as layer1..layer4; [] = UniMatch V2's (S/B: 2,5,8,11; L: 4,11,17,23)
+    cfg.MODEL.DINOV2.OUT_INDICES = []
+    cfg.MODEL.DINOV2.GRAD_CHECKPOINT = False  # recompute every block in backward (activation memory of one block)
+    cfg.MODEL.DINOV2.FREEZE = False  # no gradient for the encoder (UniMatch V2's lock_backbone)
+    cfg.MODEL.DINOV2.DROP_PATH_RATE = 0.0  # stochastic depth while fine-tuning (UniMatch V2: 0)
+    # Position-embedding resampling to the input grid as the official code: bicubic, scale (grid + offset) / 37.
+    # Official hub: 0.1 / no antialias for the plain models (UniMatch V2), 0.0 / antialias for the _reg4 ones.
+    cfg.MODEL.DINOV2.INTERPOLATE_OFFSET = 0.1
+    cfg.MODEL.DINOV2.INTERPOLATE_ANTIALIAS = False
+    # Download timm's copy of the official weights (vit_*_patch14[_reg4]_dinov2.lvd142m; needs internet). Without
+    # internet, point MODEL.WEIGHTS at the official dinov2_vit*14[_reg4]_pretrain.pth (converted on load).
+    cfg.MODEL.DINOV2.TIMM_PRETRAINED = False
+    # Architecture overrides for tests and experiments; 0 = the size's own (S: 384/12/6, B: 768/12/12, L: 1024/24/16)
+    cfg.MODEL.DINOV2.EMBED_DIM = 0
+    cfg.MODEL.DINOV2.DEPTH = 0
+    cfg.MODEL.DINOV2.NUM_HEADS = 0
+
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV3PlusFeatHead"  # or "DeepLabV2Head", "DPTHead" (ViT encoders)
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res5"]  # low-level + ASPP input (v2 uses only the last)
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 19
     cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
@@ -106,6 +127,10 @@ def add_semiseg_config(cfg: CN) -> CN:
     # ------------------------------------------------------------------ SOLVER
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"
     cfg.SOLVER.POLY_LR_POWER = 0.9
+    # "SGD" (momentum SOLVER.MOMENTUM, DeepLab recipes) or "AdamW" (betas below; UniMatch V2: lr 5e-6, head x40,
+    # weight decay 0.01 on every parameter: WEIGHT_DECAY = WEIGHT_DECAY_NORM = 0.01)
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    cfg.SOLVER.ADAMW_BETAS = [0.9, 0.999]
     cfg.SOLVER.BACKBONE_LR_MULTIPLIER = 1.0  # lr of backbone params = BASE_LR * this
     cfg.SOLVER.HEAD_LR_MULTIPLIER = 10.0  # lr of every non-backbone param (heads, projectors) = BASE_LR * this
     cfg.SOLVER.IMS_PER_BATCH_UNLABELED = 2  # global unlabeled batch (SOLVER.IMS_PER_BATCH is the labeled one)
@@ -208,6 +233,17 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.UNIMATCH.WEIGHT_FP = 0.5  # feature-perturbed weak view (must be 0 when FP_DROPOUT is 0)
     cfg.SEMI.UNIMATCH.LOSS_SCALE = 0.5  # the official "/ 2", on the three parts above
     cfg.SEMI.UNIMATCH.FP_DROPOUT = 0.5  # Dropout2d p on the weak view's backbone features (0 = no fp stream)
+
+    # unimatch_v2 term (losses/unimatch_v2.py, docs/methods/unimatch_v2.md): UniMatch V2's two strong streams with
+    # complementary channel dropout on the student's encoder features; L = (L_x + (L_s1 + L_s2) / 2) / 2 with
+    # SEMI.SUPERVISED.WEIGHT 0.5 and an EMA teacher (SEMI.EMA: "warm_start", 0.996)
+    cfg.SEMI.UNIMATCH_V2 = CN()
+    cfg.SEMI.UNIMATCH_V2.THRESHOLD = 0.95  # conf_thresh (official: every dataset)
+    cfg.SEMI.UNIMATCH_V2.WEIGHT_S1 = 0.5  # the "(L_s1 + L_s2) / 2" ...
+    cfg.SEMI.UNIMATCH_V2.WEIGHT_S2 = 0.5
+    cfg.SEMI.UNIMATCH_V2.LOSS_SCALE = 0.5  # ... and the outer "/ 2" of the official loss
+    cfg.SEMI.UNIMATCH_V2.COMPLEMENTARY_DROPOUT = True  # masks m and 2 - m on the two streams' encoder channels
+    cfg.SEMI.UNIMATCH_V2.UNPERTURBED_FRACTION = 0.5  # share of image pairs left unperturbed (official 1 - 0.5)
 
     # dgcl term (losses/dgcl.py, docs/methods/dgcl.md): density-guided contrastive loss + class-wise memory bank
     cfg.SEMI.DGCL = CN()

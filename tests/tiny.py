@@ -85,3 +85,25 @@ def fake_batch(bl=2, bu=2, h=48, w=64, seed=0, strong2=False):
         if strong2:
             unlabeled[-1]["image_strong2"] = img // 2 + 64
     return labeled, unlabeled
+
+
+def tiny_vit_cfg(num_classes: int = 11, crop=(56, 70), **overrides):
+    """DINOv2-S layout with depth 4, width 32 (2 heads), every block tapped, and a 16-d DPT head (no norm)."""
+    cfg = tiny_cfg(num_classes=num_classes, crop=crop)
+    cfg.MODEL.BACKBONE.NAME = "D2DinoV2"
+    cfg.MODEL.DINOV2.SIZE = "small"
+    cfg.MODEL.DINOV2.EMBED_DIM = 32
+    cfg.MODEL.DINOV2.DEPTH = 4
+    cfg.MODEL.DINOV2.NUM_HEADS = 2
+    cfg.MODEL.DINOV2.OUT_INDICES = [0, 1, 2, 3]
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "DPTHead"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["layer1", "layer2", "layer3", "layer4"]
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 16
+    cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS = [8, 16, 32, 32]
+    cfg.MODEL.SEM_SEG_HEAD.NORM = ""
+    cfg.SOLVER.OPTIMIZER = "AdamW"
+    cfg.SOLVER.BASE_LR = 1e-4
+    cfg.SOLVER.HEAD_LR_MULTIPLIER = 40.0
+    cfg.SOLVER.WEIGHT_DECAY = 0.01
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.01
+    return apply_overrides(cfg, overrides)

@@ -10,6 +10,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 
+from ..modeling.backbone.dinov2 import D2DinoV2, convert_official_dinov2, is_official_dinov2
+
 logger = logging.getLogger(__name__)
 
 # Keys that may differ between the run that wrote a checkpoint and the run resuming it: they do not
@@ -157,6 +159,17 @@ class SemiSegCheckpointer(DetectionCheckpointer):
                 f"mismatching keys (checkpoint -> now):\n  " + "\n  ".join(diffs)
             )
 
+    def _load_file(self, filename: str):
+        """detectron2's loading, plus official DINOv2 ``*_pretrain.pth`` files (plain ViT state dicts) whose keys
+        are converted (``convert_official_dinov2``) to the model's DINOv2 backbone."""
+        loaded = super()._load_file(filename)
+        state = loaded.get("model")
+        if isinstance(state, dict) and is_official_dinov2(state):
+            prefix = dinov2_prefix(self.model, filename)
+            loaded = {"model": convert_official_dinov2(state, prefix), "matching_heuristics": False}
+            logger.info("%s: official DINOv2 weights, loaded into %s*", filename, prefix)
+        return loaded
+
     def load(self, path: str, checkpointables=None, strict: bool = False):
         self._strict = strict
         try:
@@ -177,3 +190,14 @@ class SemiSegCheckpointer(DetectionCheckpointer):
             if problems:
                 raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
         return incompatible
+
+
+def dinov2_prefix(model: torch.nn.Module, filename: str) -> str:
+    """State-dict prefix of the timm ViT inside ``model``'s (single) DINOv2 backbone, e.g. ``"backbone.vit."``."""
+    names = [n for n, m in model.named_modules() if isinstance(m, D2DinoV2)]
+    if len(names) != 1:
+        raise ValueError(
+            f"MODEL.WEIGHTS: {filename} holds official DINOv2 weights but the model has {len(names)} DINOv2 "
+            "backbones (MODEL.BACKBONE.NAME 'D2DinoV2' expected)"
+        )
+    return f"{names[0]}.vit." if names[0] else "vit."

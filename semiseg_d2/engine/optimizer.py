@@ -1,6 +1,9 @@
-"""SGD with separate backbone / head learning-rate multipliers (DeepLab practice: head at 10x)."""
+"""The model's optimizer: SGD (DeepLab practice) or AdamW (ViT encoders, UniMatch V2), with separate backbone /
+head learning-rate multipliers (``SOLVER.BACKBONE_LR_MULTIPLIER`` / ``HEAD_LR_MULTIPLIER``)."""
 import torch
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+
+OPTIMIZERS = ("SGD", "AdamW")
 
 
 def lr_multiplier(cfg, param_name: str) -> float:
@@ -10,9 +13,13 @@ def lr_multiplier(cfg, param_name: str) -> float:
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD over the trainable parameters, excluding frozen ones (the EMA teacher) and those a loss term
-    optimises itself (``model.params_with_own_optimizer()``, e.g. a normalizing flow). Fused on CUDA
-    (:func:`sgd_implementation`); build it after the model has been moved to its device."""
+    """``SOLVER.OPTIMIZER`` over the trainable parameters, excluding frozen ones (the EMA teacher, a frozen
+    encoder) and those a loss term optimises itself (``model.params_with_own_optimizer()``, e.g. a normalizing
+    flow). Weight decay: ``SOLVER.WEIGHT_DECAY``, ``WEIGHT_DECAY_NORM`` for norm layers (detectron2's groups).
+    Fused on CUDA (:func:`fused_or_foreach`); build it after the model has been moved to its device."""
+    name = cfg.SOLVER.OPTIMIZER
+    if name not in OPTIMIZERS:
+        raise ValueError(f"SOLVER.OPTIMIZER: unknown {name!r}; known: {list(OPTIMIZERS)}")
     own = {id(p) for p in getattr(model, "params_with_own_optimizer", lambda: [])()}
     groups = get_default_optimizer_params(
         model,
@@ -26,6 +33,13 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    impl = fused_or_foreach([p for g in groups for p in g["params"]])
+    if name == "AdamW":
+        betas = tuple(cfg.SOLVER.ADAMW_BETAS)
+        if len(betas) != 2:
+            raise ValueError(f"SOLVER.ADAMW_BETAS: two values expected, got {list(betas)}")
+        adamw = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
+        return adamw(groups, lr=cfg.SOLVER.BASE_LR, betas=betas, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **impl)
     sgd = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
     return sgd(
         groups,
@@ -33,14 +47,17 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         momentum=cfg.SOLVER.MOMENTUM,
         nesterov=cfg.SOLVER.NESTEROV,
         weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-        **sgd_implementation([p for g in groups for p in g["params"]]),
+        **impl,
     )
 
 
-def sgd_implementation(params) -> dict:
+def fused_or_foreach(params) -> dict:
     """``fused=True`` (one kernel per dtype/device group, no per-tensor launches) when every parameter is a
     floating-point CUDA tensor; ``foreach=True`` otherwise (CPU: the multi-tensor path, numerics of the
     tests unchanged)."""
     if params and all(p.is_cuda and p.is_floating_point() for p in params):
         return {"fused": True}
     return {"foreach": True}
+
+
+sgd_implementation = fused_or_foreach  # the name other modules and tests use

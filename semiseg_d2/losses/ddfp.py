@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import get_norm
 from detectron2.utils import comm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.utils.logger import log_every_n_seconds
 from torch import nn
 
@@ -33,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 _FLOW_TARGETS = ("mixture", "pseudo_label")
 _NORMALIZE = ("all", "kept")
-# Decoder conv blocks of DeepLabV3PlusFeatHead, each with its own norm; the perturbed BN set mirrors them.
-_DECODER_NORMS = 2
 _OPT_PREFIX = "flow_optimizer."
 _OPT_FIELDS = ("exp_avg", "exp_avg_sq", "step")
 
@@ -127,7 +126,7 @@ def flow_nll(flow: CouplingFlow, feats: torch.Tensor, labels: torch.Tensor, weig
 class DDFPTerm(SemiLossTerm):
     """``ddfp``: CE of the student on density-descending perturbed decoder inputs of the strong views.
 
-    Needs a head with ``decoder_input`` / ``decode`` (DeepLabV3PlusFeatHead). Owns the flow, its Adam
+    Needs a head with ``decoder_input`` / ``decode`` (DeepLabV3PlusFeatHead, DPTHead). Owns the flow, its Adam
     optimizer (``params_with_own_optimizer``) and, with ``perturbed_bn``, the BN set of the perturbed pass.
     Buffers: ``flow_skipped`` counts flow steps skipped for a non-finite loss/gradient, ``flow_nll`` the
     last flow loss (both logged as ``ddfp/*`` metrics).
@@ -150,6 +149,7 @@ class DDFPTerm(SemiLossTerm):
         eps: float = 4.0,
         perturbed_bn: bool = True,
         norm: str = "BN",
+        decoder_norms: int = 2,
         start_iter: int = 0,
         flow_start_iter: int = 0,
         flow_blocks: int = 2,
@@ -190,10 +190,10 @@ class DDFPTerm(SemiLossTerm):
             dim=feature_dim, num_classes=num_classes, n_blocks=flow_blocks, hidden=tuple(flow_hidden),
             clamp=flow_clamp, seed=flow_seed,
         )
-        # The reference's MixSyncBatchNorm "aux" statistics: perturbed features get their own BN in the two
-        # decoder blocks; evaluation and the clean passes never see them. Trained by the model's SGD.
+        # The reference's MixSyncBatchNorm "aux" statistics: perturbed features get their own BN in the
+        # decoder blocks (one per norm of the head's decode); evaluation and the clean passes never see them.
         self.perturbed_norms = (
-            nn.ModuleList([get_norm(norm, feature_dim) or nn.Identity() for _ in range(_DECODER_NORMS)])
+            nn.ModuleList([get_norm(norm, feature_dim) or nn.Identity() for _ in range(decoder_norms)])
             if perturbed_bn else None
         )
         self._flow_params = list(self.flow.parameters())
@@ -215,6 +215,8 @@ class DDFPTerm(SemiLossTerm):
             eps=c.EPS,
             perturbed_bn=c.PERTURBED_BN,
             norm=head.NORM,
+            # the head's decode() norms (DeepLabV3+: 2 decoder convs, DPT: 1); the perturbed set mirrors them
+            decoder_norms=getattr(SEM_SEG_HEADS_REGISTRY.get(head.NAME), "num_decoder_norms", 2),
             start_iter=c.START_ITER,
             flow_start_iter=c.FLOW_START_ITER,
             flow_blocks=c.FLOW_BLOCKS,
@@ -239,7 +241,7 @@ class DDFPTerm(SemiLossTerm):
         if dec_in is None or step.student_decode is None:
             raise ValueError(
                 "SEMI.LOSSES 'ddfp' perturbs the decoder input: it needs MODEL.SEM_SEG_HEAD.NAME "
-                "'DeepLabV3PlusFeatHead' (head outputs 'decoder_input' and a decode() method)"
+                "'DeepLabV3PlusFeatHead' or 'DPTHead' (head outputs 'decoder_input' and a decode() method)"
             )
         head = getattr(step.student_decode, "__self__", None)
         if self.perturbed_norms is not None and head is not None:

@@ -185,11 +185,11 @@ def quality_filter(
 
 def head_feature_dim(cfg) -> int:
     """D of the head's "features" implied by the config: res5 channels for DeepLabV2 (2048 for R50/R101),
-    CONVS_DIM for DeepLabV3+ (docs/architecture.md). 0 when the head is unknown."""
+    CONVS_DIM for DeepLabV3+ and DPT (docs/architecture.md). 0 when the head is unknown."""
     head = cfg.MODEL.SEM_SEG_HEAD
     if head.NAME == "DeepLabV2Head":
         return cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 8
-    if head.NAME == "DeepLabV3PlusFeatHead":
+    if head.NAME in ("DeepLabV3PlusFeatHead", "DPTHead"):
         return head.CONVS_DIM
     return 0
 

@@ -40,6 +40,8 @@ class SemiLossTerm(nn.Module):
         (UniMatch's dual streams); runs without such a term make and mix only one.
       feature_dropout: > 0 asks for the feature-perturbation stream (UniMatch ``fp``): the student's head also
         decodes Dropout2d(p)-perturbed backbone features of the weak views -> ``SemiStep.student_weak_fp``.
+      complementary_dropout: not None (a fraction f of unperturbed pairs) asks for UniMatch V2's complementary
+        channel dropout on the student's backbone features of the two strong streams (needs_second_strong).
       task: the step record the term reads: ``"sem_seg"`` (:class:`~semiseg_d2.losses.step.SemiStep`, built by
         ``SemiSegmentor``) or another task's (e.g. ``"instance"``: projects/SemiInstance's ``InstanceStep``).
         A model builds only the terms of its own task (:func:`build_loss_terms`).
@@ -52,6 +54,7 @@ class SemiLossTerm(nn.Module):
     needs_unlabeled: bool = True
     needs_second_strong: bool = False
     feature_dropout: float = 0.0
+    complementary_dropout: Optional[float] = None
 
     def forward(self, step) -> Dict[str, torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError

@@ -29,6 +29,8 @@ class DeepLabV3PlusFeatHead(nn.Module):
     (DDFP's perturbed-feature BN).
     """
 
+    num_decoder_norms = 2  # norms decode() takes (DDFP's perturbed BN set has as many)
+
     @configurable
     def __init__(
         self,

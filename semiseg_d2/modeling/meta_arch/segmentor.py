@@ -14,7 +14,7 @@ from ...losses.segmentation import ohem_cross_entropy, sem_seg_cross_entropy, up
 from ..backbone.build import build_backbone_checked
 from ..heads.build import build_sem_seg_head_checked
 
-__all__ = ["Segmentor", "window_starts", "LOSS_TYPES"]
+__all__ = ["Segmentor", "window_starts", "pad_to_multiple", "LOSS_TYPES"]
 
 LOSS_TYPES = ("cross_entropy", "ohem")
 
@@ -30,6 +30,15 @@ def window_starts(length: int, window: int, stride: int) -> List[int]:
     if starts[-1] != length - window:
         starts.append(length - window)
     return starts
+
+
+def pad_to_multiple(images: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Zero-pad ``[B, C, H, W]`` at the bottom/right to multiples of ``divisor`` (0 or 1: unchanged)."""
+    if divisor <= 1:
+        return images
+    H, W = images.shape[-2:]
+    pad_h, pad_w = -H % divisor, -W % divisor
+    return F.pad(images, (0, pad_w, 0, pad_h), value=0.0) if pad_h or pad_w else images
 
 
 @META_ARCH_REGISTRY.register()
@@ -81,6 +90,8 @@ class Segmentor(nn.Module):
             sliding_window = ((int(wh), int(ww)), (int(sh), int(sw)), int(bs))
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
+        # Inputs are padded to multiples of this (ViT/14: 14; ResNets: 0), as Mask2Former takes it from the backbone.
+        self.size_divisibility = backbone.size_divisibility
         self.num_classes = sem_seg_head.num_classes
         self.feature_dim = sem_seg_head.feature_dim  # D of head output "features"
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -104,7 +115,7 @@ class Segmentor(nn.Module):
         check_semiseg_config(cfg)  # a plain detectron2 cfg fails obscurely below (e.g. in SemSegFPNHead)
         backbone = build_backbone_checked(cfg)
         input_shape = backbone.output_shape()
-        check_crop_size(cfg, max(s.stride for s in input_shape.values()))
+        check_crop_size(cfg, max(s.stride for s in input_shape.values()), backbone.size_divisibility)
         head = build_sem_seg_head_checked(cfg, input_shape)
         h = cfg.MODEL.SEM_SEG_HEAD
         sw = cfg.TEST.SLIDING_WINDOW
@@ -144,11 +155,21 @@ class Segmentor(nn.Module):
         """``images: uint8/float [B, 3, H, W]`` RGB 0..255 -> float ``(x - mean) / std``."""
         return (images.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
 
-    def extract(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``images: float [B, 3, H, W]`` normalised -> the head's output dict (see docs/architecture.md)."""
+    def extract(self, images: torch.Tensor, channel_scale: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``images: float [B, 3, H, W]`` normalised -> the head's output dict (see docs/architecture.md).
+
+        ``channel_scale [B, D]`` multiplies every backbone output channel-wise before the head (UniMatch V2's
+        complementary dropout; every backbone output needs D channels)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.sem_seg_head(self.backbone(images))
+        feats = self.backbone(images)
+        if channel_scale is not None:
+            bad = {k: v.shape[1] for k, v in feats.items() if v.shape[1] != channel_scale.shape[1]}
+            if bad:
+                raise ValueError(f"channel_scale has {channel_scale.shape[1]} channels, backbone outputs {bad}")
+            scale = channel_scale.to(images.dtype)[:, :, None, None]
+            feats = {k: v * scale for k, v in feats.items()}
+        return self.sem_seg_head(feats)
 
     def extract_fp(self, images: torch.Tensor, dropout: float) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """UniMatch's feature perturbation: the head's outputs on the clean backbone features and on the same
@@ -193,9 +214,13 @@ class Segmentor(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]):
         if self.training:
-            images = ImageList.from_tensors([self.normalize(x["image"]) for x in batched_inputs], pad_value=0.0)
+            d = self.size_divisibility
+            images = ImageList.from_tensors(
+                [self.normalize(x["image"]) for x in batched_inputs], size_divisibility=d, pad_value=0.0
+            )
             targets = ImageList.from_tensors(
-                [x["sem_seg"].to(self.device) for x in batched_inputs], pad_value=float(self.ignore_value)
+                [x["sem_seg"].to(self.device) for x in batched_inputs], size_divisibility=d,
+                pad_value=float(self.ignore_value),
             ).tensor.long()
             return self.losses(self.extract(images.tensor), targets)
         results = []
@@ -240,9 +265,15 @@ class Segmentor(nn.Module):
         return self.whole_image_probs(images)
 
     def whole_image_probs(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` normalised -> softmax of logits upsampled to ``[B, C, H, W]``."""
-        logits = self.extract(images)["logits"]
-        return upsample_logits(logits, images.shape[-2:]).softmax(dim=1)
+        """``[B, 3, H, W]`` normalised -> softmax of logits upsampled to ``[B, C, H, W]``.
+
+        The image is zero-padded (bottom/right) to ``size_divisibility``; logits are upsampled to the padded size
+        and cropped back to ``H x W``.
+        """
+        H, W = images.shape[-2:]
+        padded = pad_to_multiple(images, self.size_divisibility)
+        logits = self.extract(padded)["logits"]
+        return upsample_logits(logits, padded.shape[-2:])[..., :H, :W].softmax(dim=1)
 
     def sliding_window_probs(self, images: torch.Tensor) -> torch.Tensor:
         """Average of window probabilities where windows overlap; ``[B, 3, H, W]`` -> ``[B, C, H, W]``.
@@ -273,8 +304,9 @@ class Segmentor(nn.Module):
         return (probs / count)[:, :, :H, :W]
 
 
-def check_crop_size(cfg, output_stride: int) -> None:
-    """Training crops need >= 2 feature cells per side at the output stride.
+def check_crop_size(cfg, output_stride: int, size_divisibility: int = 0) -> None:
+    """Training crops need >= 2 feature cells per side at the output stride, and sides that are multiples of
+    the backbone's ``size_divisibility`` (the semi-supervised engine feeds crops to the network unpadded).
 
     ASPP and decoder align features by interpolation, so any size runs; but with fewer than 2x2 cells at the
     deepest feature a batch of one has a single value per channel and BatchNorm cannot train on it.
@@ -282,6 +314,11 @@ def check_crop_size(cfg, output_stride: int) -> None:
     if not cfg.INPUT.CROP.ENABLED or cfg.INPUT.CROP.TYPE != "absolute":
         return
     size = tuple(cfg.INPUT.CROP.SIZE)
+    if size_divisibility > 1 and any(s % size_divisibility for s in size):
+        raise ValueError(
+            f"INPUT.CROP.SIZE: {size} must be multiples of {size_divisibility} for this backbone "
+            f"(MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME!r}; e.g. 518 or 798 for DINOv2)"
+        )
     if min(size) < 2 * output_stride:
         raise ValueError(
             f"INPUT.CROP.SIZE: {size} is too small for an output stride of {output_stride} "

@@ -38,6 +38,7 @@ from ...evaluation.visualize import denormalize
 from ...losses.pseudo_label import softmax_entropy
 from ...losses.registry import build_loss_terms
 from ...losses.step import SemiStep
+from ...losses.unimatch_v2 import complementary_channel_masks
 from ...utils.dtype import upcast
 from .segmentor import Segmentor
 from .teacher_student import TeacherStudent
@@ -115,6 +116,10 @@ class SemiSegmentor(TeacherStudent):
         self.student_weak = student_weak or any(t.needs_student_weak for t in terms.values())
         self.second_strong = any(t.needs_second_strong for t in terms.values())
         self.fp_dropout = max([float(t.feature_dropout) for t in terms.values()] + [0.0])
+        comp = [t.complementary_dropout for t in terms.values() if t.complementary_dropout is not None]
+        if comp and not self.second_strong:
+            raise ValueError("complementary dropout (SEMI.UNIMATCH_V2) needs the second strong stream")
+        self.comp_unperturbed = comp[0] if comp else None  # UniMatch V2: fraction of unperturbed pairs
         self.teacher_labeled = any(t.needs_teacher_labeled for t in terms.values())
         self.teacher_autocast = teacher_autocast
         self.teacher_train_mode = teacher_train_mode
@@ -311,7 +316,8 @@ class SemiSegmentor(TeacherStudent):
         if first is None and not self.fp_dropout:
             # One student pass over every part (the default engine).
             parts = [images_l, *strongs] + ([weak] if self.student_weak else [])
-            split = split_outputs(student.extract(torch.cat(parts)), [p.shape[0] for p in parts])
+            scale = self._channel_scale([p.shape[0] for p in parts], start=1, device=weak.device)
+            split = split_outputs(self._extract(torch.cat(parts), scale), [p.shape[0] for p in parts])
             student_labeled, student_weak = split[0], split[-1] if self.student_weak else {}
             student_strongs = split[1 : 1 + len(strongs)]
         else:
@@ -319,7 +325,8 @@ class SemiSegmentor(TeacherStudent):
             if first is None:
                 first = self._weak_pass(images_l, weak)
             student_labeled, student_weak, weak_fp = first
-            student_strongs = split_outputs(student.extract(torch.cat(strongs)), [x.shape[0] for x in strongs])
+            scale = self._channel_scale([x.shape[0] for x in strongs], start=0, device=weak.device)
+            student_strongs = split_outputs(self._extract(torch.cat(strongs), scale), [x.shape[0] for x in strongs])
         if self.second_strong:
             stream2["student_strong2"] = student_strongs[1]
         return SemiStep(
@@ -338,6 +345,28 @@ class SemiSegmentor(TeacherStudent):
             **stream2,
             **common,
         )
+
+    def _extract(self, images: torch.Tensor, channel_scale):
+        """The student on ``images``, with UniMatch V2's channel scales when there are any."""
+        if channel_scale is None:
+            return self.student.extract(images)
+        return self.student.extract(images, channel_scale=channel_scale)
+
+    def _channel_scale(self, sizes: Sequence[int], start: int, device):
+        """``[sum(sizes), D]`` channel scales for one student batch whose parts ``start`` and ``start + 1`` are the
+        two strong streams (UniMatch V2's complementary masks; 1 elsewhere), or None without that dropout."""
+        if self.comp_unperturbed is None:
+            return None
+        channels = {s.channels for s in self.student.backbone.output_shape().values()}
+        if len(channels) != 1:
+            raise ValueError(f"complementary dropout needs backbone outputs of one width, got {sorted(channels)}")
+        d = channels.pop()
+        scale = torch.ones(sum(sizes), d, device=device)
+        lo = sum(sizes[:start])
+        scale[lo : lo + 2 * sizes[start]] = complementary_channel_masks(
+            sizes[start], d, self.comp_unperturbed, device=device
+        )
+        return scale
 
     def _strong2(self, unlabeled: List[dict]) -> torch.Tensor:
         if any("image_strong2" not in u for u in unlabeled):

@@ -1,0 +1,80 @@
+"""UniMatch V2 (Yang et al., TPAMI 2025): EMA teacher on the weak view, two strong views whose encoder features get
+complementary channel dropout. Paper -> code map and deviations: docs/methods/unimatch_v2.md.
+
+Official total loss (LiheYoung/UniMatch-V2 ``unimatch_v2.py``): ``(L_x + (L_s1 + L_s2) / 2) / 2`` with
+``L_s = sum(CE * [conf >= 0.95] * valid) / sum(valid)`` per stream. Here ``L_x`` is the ``supervised`` term
+(``SEMI.SUPERVISED.WEIGHT`` 0.5 in the configs) and this term returns ``loss_unimatch_v2_s1`` / ``_s2``, each
+``L_s * WEIGHT_S * LOSS_SCALE`` (0.5 * 0.5). The dropout itself (``complementary_channel_masks``) is applied by the
+engine to the student's backbone features of the two strong streams (``Segmentor.extract(channel_scale=...)``).
+"""
+import torch
+from detectron2.config import configurable
+
+from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
+from .unimatch import unimatch_stream_loss
+
+__all__ = ["UniMatchV2Term", "complementary_channel_masks"]
+
+
+def complementary_channel_masks(pairs: int, channels: int, unperturbed_fraction: float = 0.5, *,
+                                device=None, generator=None) -> torch.Tensor:
+    """Channel scales for ``cat(strong1, strong2)`` of ``pairs`` images each -> ``[2 * pairs, channels]`` float.
+
+    Image ``j`` of the first stream gets ``m_j = 2 * Bernoulli(0.5)`` per channel (0 or 2), image ``j`` of the
+    second ``2 - m_j``: together the two views see every channel once, at twice its value. A random
+    ``int(pairs * unperturbed_fraction)`` of the pairs keep all channels (scale 1 in both): the official
+    ``num_kept = int(bs // 2 * (1 - dropout_prob))`` with ``dropout_prob = 0.5``.
+    """
+    if not 0.0 <= unperturbed_fraction <= 1.0:
+        raise ValueError(f"unperturbed_fraction must lie in [0, 1], got {unperturbed_fraction}")
+    m1 = torch.randint(0, 2, (pairs, channels), generator=generator).float() * 2.0
+    m2 = 2.0 - m1
+    kept = torch.randperm(pairs, generator=generator)[: int(pairs * unperturbed_fraction)]
+    m1[kept] = 1.0
+    m2[kept] = 1.0
+    return torch.cat([m1, m2]).to(device)
+
+
+@SEMI_LOSS_REGISTRY.register_term
+class UniMatchV2Term(SemiLossTerm):
+    """``unimatch_v2``: the two strong streams (complementary channel dropout on their encoder features) against
+    the EMA teacher's mixed maps, each normalised by the stream's non-ignored pixels."""
+
+    name = "unimatch_v2"
+    needs_second_strong = True
+
+    @configurable
+    def __init__(self, *, threshold: float = 0.95, weight_s1: float = 0.5, weight_s2: float = 0.5,
+                 loss_scale: float = 0.5, unperturbed_fraction: float = 0.5, complementary_dropout: bool = True):
+        super().__init__()
+        if not 0.0 <= unperturbed_fraction <= 1.0:
+            raise ValueError(f"SEMI.UNIMATCH_V2.UNPERTURBED_FRACTION must lie in [0, 1], got {unperturbed_fraction}")
+        self.threshold = threshold
+        self.weights = {"s1": weight_s1 * loss_scale, "s2": weight_s2 * loss_scale}
+        self.unperturbed_fraction = unperturbed_fraction
+        # read by the engine: None = no complementary dropout on the strong streams
+        self.complementary_dropout = unperturbed_fraction if complementary_dropout else None
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.SEMI.UNIMATCH_V2
+        return dict(
+            threshold=c.THRESHOLD,
+            weight_s1=c.WEIGHT_S1,
+            weight_s2=c.WEIGHT_S2,
+            loss_scale=c.LOSS_SCALE,
+            unperturbed_fraction=c.UNPERTURBED_FRACTION,
+            complementary_dropout=c.COMPLEMENTARY_DROPOUT,
+        )
+
+    def forward(self, step):
+        if not step.student_strong2:
+            raise ValueError("SEMI.LOSSES 'unimatch_v2' needs the second strong stream (SemiStep.student_strong2)")
+        s1, keep = unimatch_stream_loss(step.student_strong["logits"], step.teacher_strong, self.threshold)
+        s2, _ = unimatch_stream_loss(step.student_strong2["logits"], step.teacher_strong2, self.threshold)
+        step.keep_masks[self.name] = keep
+        w = step.teacher_weak
+        # the official "mask ratio": confident share of the weak view's non-ignored pixels
+        conf = (w["confidence"] >= self.threshold) & w["valid"]
+        step.log("unimatch_v2/mask_ratio", conf.sum() / w["valid"].sum().clamp_min(1))
+        return {"loss_unimatch_v2_s1": s1 * self.weights["s1"], "loss_unimatch_v2_s2": s2 * self.weights["s2"]}
