@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 _FLOW_TARGETS = ("mixture", "pseudo_label")
 _NORMALIZE = ("all", "kept")
-# Decoder conv blocks of DeepLabV3PlusFeatHead, each with its own norm; the perturbed BN set mirrors them.
+# Decoder conv blocks of the DeepLabV3+ heads, each with its own norm; the perturbed BN set mirrors them.
 _DECODER_NORMS = 2
 _OPT_PREFIX = "flow_optimizer."
 _OPT_FIELDS = ("exp_avg", "exp_avg_sq", "step")
@@ -126,7 +126,7 @@ def flow_nll(flow: CouplingFlow, feats: torch.Tensor, labels: torch.Tensor, weig
 class DDFPTerm(SemiLossTerm):
     """``ddfp``: CE of the student on density-descending perturbed decoder inputs of the strong views.
 
-    Needs a head with ``decoder_input`` / ``decode`` (DeepLabV3PlusFeatHead). Owns the flow, its Adam
+    Needs a head with ``decoder_input`` / ``decode`` (U2PLDeepLabV3PlusHead, DeepLabV3PlusFeatHead). Owns the flow, its Adam
     optimizer (``params_with_own_optimizer``) and, with ``perturbed_bn``, the BN set of the perturbed pass.
     Buffers: ``flow_skipped`` counts flow steps skipped for a non-finite loss/gradient, ``flow_nll`` the
     last flow loss (both logged as ``ddfp/*`` metrics).
@@ -238,7 +238,8 @@ class DDFPTerm(SemiLossTerm):
         if dec_in is None or step.student_decode is None:
             raise ValueError(
                 "SEMI.LOSSES 'ddfp' perturbs the decoder input: it needs MODEL.SEM_SEG_HEAD.NAME "
-                "'DeepLabV3PlusFeatHead' (head outputs 'decoder_input' and a decode() method)"
+                "'U2PLDeepLabV3PlusHead' (the reference's decoder) or 'DeepLabV3PlusFeatHead' (head outputs "
+                "'decoder_input' and a decode() method)"
             )
         head = getattr(step.student_decode, "__self__", None)
         if self.perturbed_norms is not None and head is not None:

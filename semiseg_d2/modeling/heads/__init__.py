@@ -2,5 +2,7 @@ from .aux_fcn import AuxFCNHead, build_aux_head
 from .build import build_sem_seg_head_checked
 from .deeplab_v2 import DeepLabV2Head
 from .deeplab_v3plus import DeepLabV3PlusFeatHead
+from .u2pl_deeplabv3plus import U2PLDeepLabV3PlusHead
 
-__all__ = ["AuxFCNHead", "build_aux_head", "build_sem_seg_head_checked", "DeepLabV2Head", "DeepLabV3PlusFeatHead"]
+__all__ = ["AuxFCNHead", "build_aux_head", "build_sem_seg_head_checked", "DeepLabV2Head", "DeepLabV3PlusFeatHead",
+           "U2PLDeepLabV3PlusHead"]
