@@ -191,3 +191,37 @@ def test_epoch_schedules_use_the_official_epoch_length(path):
     assert cfg.SEMI.BURN_IN_ITERS == burn_epochs * per_epoch
     if method == "ddfp":
         assert cfg.SEMI.DDFP.FLOW_START_ITER == per_epoch and cfg.SEMI.DDFP.START_ITER == 2 * per_epoch
+
+
+def test_synced_class_batch_norm_uses_the_statistics_of_every_rank(monkeypatch):
+    """With sync, ClassBatchNorm on this rank's rows equals the local ClassBatchNorm over both ranks' rows (the
+    other rank simulated: each rank-sum adds what that rank contributes), outputs and running statistics."""
+    from semiseg_d2.losses import memory_contrast
+    from semiseg_d2.losses.memory_contrast import ClassBatchNorm
+
+    g = torch.Generator().manual_seed(0)
+    C, H = 3, 4
+    xa, la = torch.randn(7, H, generator=g), torch.tensor([0, 0, 1, 1, 1, 2, 0])
+    xb, lb = torch.randn(5, H, generator=g) * 3 + 1, torch.tensor([1, 2, 2, 0, 2])
+    calls = []
+
+    def other_rank_sum(t):  # the 3 collectives of one training forward: counts, sums, centred squares
+        calls.append(t)
+        if len(calls) == 1:
+            return t + torch.zeros(C).index_add_(0, lb, torch.ones(len(lb)))
+        if len(calls) == 2:
+            return t + torch.zeros(C, H).index_add_(0, lb, xb)
+        n = calls[0] + torch.zeros(C).index_add_(0, lb, torch.ones(len(lb)))
+        mean = (calls[1] + torch.zeros(C, H).index_add_(0, lb, xb)) / n[:, None]
+        return t + torch.zeros(C, H).index_add_(0, lb, (xb - mean[lb]).square())
+
+    monkeypatch.setattr(memory_contrast, "sum_over_ranks", other_rank_sum)
+    synced, local = ClassBatchNorm(C, H, sync=True), ClassBatchNorm(C, H)
+    got = synced(xa, la)
+    ref = local(torch.cat([xa, xb]), torch.cat([la, lb]))[: len(xa)]
+    assert len(calls) == 3
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(synced.running_mean, local.running_mean)
+    torch.testing.assert_close(synced.running_var, local.running_var)
+    unsynced = ClassBatchNorm(C, H)(xa, la)
+    assert not torch.allclose(unsynced, got)  # the other rank's rows matter
