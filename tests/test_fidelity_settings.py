@@ -101,7 +101,8 @@ def test_built_optimizer_gives_bn_weights_the_decay():
 
     cfg = tiny_cfg(head="U2PLDeepLabV3PlusHead")
     cfg.SOLVER.WEIGHT_DECAY = 1e-4
-    cfg.SOLVER.WEIGHT_DECAY_NORM = _load(os.path.join(ROOT, "configs/cityscapes/dgcl_372.yaml")).SOLVER.WEIGHT_DECAY_NORM
+    recipe = _load(os.path.join(ROOT, "configs/cityscapes/dgcl_372.yaml"))
+    cfg.SOLVER.WEIGHT_DECAY_NORM = recipe.SOLVER.WEIGHT_DECAY_NORM
     model = build_model(cfg)
     opt = build_optimizer(cfg, model)
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
