@@ -64,17 +64,19 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.MODEL.DINOV2.DEPTH = 0
     cfg.MODEL.DINOV2.NUM_HEADS = 0
 
-    cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV3PlusFeatHead"  # or "DeepLabV2Head", "DPTHead" (ViT encoders)
+    # "DeepLabV3PlusFeatHead" (detectron2 / Alonso shape), "U2PLDeepLabV3PlusHead" (U2PL / DGCL / DDFP decoder),
+    # "DeepLabV2Head", or "DPTHead" (ViT encoders)
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV3PlusFeatHead"
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res5"]  # low-level + ASPP input (v2 uses only the last)
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 19
     cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
     cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS = [6, 12, 18]  # v3+: 3 atrous branches + image pooling
     cfg.MODEL.SEM_SEG_HEAD.V2_DILATIONS = [6, 12, 18, 24]  # DeepLabv2: 4 branches, outputs summed
     cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 256
-    cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.1
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.1  # after the ASPP (U2PL head: Dropout2d after its 3x3 "head" conv)
     cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS = [48]  # low-level projection width (res2 -> 48)
     cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256  # decoder width = dimension of the feature the methods use
-    cfg.MODEL.SEM_SEG_HEAD.DECODER_DROPOUT = 0.1  # dropout before the final 1x1 classifier
+    cfg.MODEL.SEM_SEG_HEAD.DECODER_DROPOUT = 0.1  # before the 1x1 classifier (U2PL head: after each 3x3 decoder block)
     cfg.MODEL.SEM_SEG_HEAD.NORM = "BN"
     # Loss on labeled pixels: "cross_entropy" or "ohem" (online hard example mining).
     cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"
@@ -89,6 +91,9 @@ def add_semiseg_config(cfg: CN) -> CN:
     # ------------------------------------------------------------------ INPUT
     cfg.INPUT.FORMAT = "RGB"
     cfg.INPUT.SCALE_RANGE = [0.5, 2.0]  # random resize factor of the original image (train)
+    # how the factor is drawn (data/mapper.sample_scale): "uniform" U(lo, hi), or "u2pl" (U2PL/DGCL RandResize:
+    # U(lo, 1) or U(1, hi) with probability 1/2 each)
+    cfg.INPUT.SCALE_SAMPLING = "uniform"
     cfg.INPUT.BASE_SIZE = 0  # if > 0, the long side is first resized to this before SCALE_RANGE (VOC: 0)
     cfg.INPUT.CROP.ENABLED = True
     cfg.INPUT.CROP.TYPE = "absolute"
@@ -134,6 +139,11 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SOLVER.BACKBONE_LR_MULTIPLIER = 1.0  # lr of backbone params = BASE_LR * this
     cfg.SOLVER.HEAD_LR_MULTIPLIER = 10.0  # lr of every non-backbone param (heads, projectors) = BASE_LR * this
     cfg.SOLVER.IMS_PER_BATCH_UNLABELED = 2  # global unlabeled batch (SOLVER.IMS_PER_BATCH is the labeled one)
+    # SOLVER.REFERENCE_WORLD_SIZE (detectron2's): the GPU count a recipe was written for. Recipes given in epochs
+    # (DGCL, DDFP) state MAX_ITER / BURN_IN_ITERS / *START_ITER at that world size W, counting an epoch as the
+    # official loaders do (DistributedSampler pads the N_u unlabeled images to a multiple of W; DataLoader
+    # drop_last=True over b = IMS_PER_BATCH_UNLABELED / W images per GPU; the labeled list is resampled to N_u):
+    #     iterations per epoch = floor(ceil(N_u / W) / b)       (epoch_iterations(); e.g. 2975 - 372, W 8, b 2 -> 163)
     cfg.SOLVER.AMP.PRECISION = "bfloat16"  # autocast dtype when SOLVER.AMP.ENABLED ("bfloat16"/"float16")
 
     # ------------------------------------------------------------------ TEST
@@ -301,6 +311,20 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.CLASS_BALANCE.FROM_PSEUDO_LABELS = True  # also count the teacher's pseudo-labels (paper: yes)
     cfg.SEMI.CLASS_BALANCE.START_ITER = 0  # weights are 1 before this iteration (counting starts at once)
     return cfg
+
+
+def epoch_iterations(num_images: int, world_size: int, images_per_gpu: int, drop_last: bool = True) -> int:
+    """Iterations in one epoch of ``num_images`` as a ``DistributedSampler`` over ``world_size`` ranks (padding
+    the list to a multiple of ``world_size``) with a per-GPU ``DataLoader`` of ``images_per_gpu`` counts them:
+    ``floor(ceil(N / W) / b)`` with ``drop_last`` (DGCL / DDFP / U2PL semi loaders), ``ceil(ceil(N / W) / b)``
+    without. The epoch schedules of configs/*/dgcl_*.yaml and ddfp_*.yaml are this times the epoch count."""
+    if num_images <= 0 or world_size <= 0 or images_per_gpu <= 0:
+        raise ValueError(
+            f"epoch_iterations: num_images, world_size and images_per_gpu must be positive, got "
+            f"{num_images}, {world_size}, {images_per_gpu}"
+        )
+    per_rank = -(-num_images // world_size)
+    return per_rank // images_per_gpu if drop_last else -(-per_rank // images_per_gpu)
 
 
 def check_semiseg_config(cfg: CN) -> None:

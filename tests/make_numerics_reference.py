@@ -69,8 +69,10 @@ METHODS = {
         "SEMI.MEMORY_CONTRAST.SELECTOR_HIDDEN_DIM": 8,
         "SEMI.MEMORY_CONTRAST.BANK_SIZE": 8,
     })),
-    "dgcl": ("SemiSegmentor", dict(_COMMON_SEMI, **TINY_DGCL)),
+    # DGCL / DDFP train U2PL's decoder (configs/*/dgcl_base.yaml, ddfp_base.yaml)
+    "dgcl": ("SemiSegmentor", dict(_COMMON_SEMI, **TINY_DGCL, **{"MODEL.SEM_SEG_HEAD.NAME": "U2PLDeepLabV3PlusHead"})),
     "ddfp": ("SemiSegmentor", dict(_COMMON_SEMI, **{
+        "MODEL.SEM_SEG_HEAD.NAME": "U2PLDeepLabV3PlusHead",
         "SEMI.LOSSES": ["supervised", "pseudo_label", "ddfp"],
         "SEMI.DDFP.THRESHOLD": 0.0,
         "SEMI.DDFP.FLOW_HIDDEN": [32, 32],

@@ -25,7 +25,28 @@ from detectron2.data import detection_utils as d2_utils
 from .label_io import check_label_values, load_sem_seg
 from .transforms import StrongPhotometricAug
 
-__all__ = ["SemSegDatasetMapper", "UnlabeledDatasetMapper", "random_scale_crop_flip"]
+__all__ = ["SemSegDatasetMapper", "UnlabeledDatasetMapper", "random_scale_crop_flip", "sample_scale"]
+
+SCALE_SAMPLINGS = ("uniform", "u2pl")
+
+
+def sample_scale(scale_range: Sequence[float], sampling: str = "uniform") -> float:
+    """One random resize factor from numpy's global RNG (``INPUT.SCALE_SAMPLING``).
+
+    "uniform": s ~ U(lo, hi) (one draw). "u2pl": U2PL's ``RandResize`` (u2pl/dataset/augmentation.py, also
+    DGCL's): with probability 1/2 s ~ U(lo, 1), else s ~ U(1, hi) (two draws), so as many images shrink as
+    grow; with (0.5, 2.0) the mean is 1.125, not 1.25.
+    """
+    lo, hi = float(scale_range[0]), float(scale_range[1])
+    if sampling == "uniform":
+        return float(np.random.uniform(lo, hi))
+    if sampling == "u2pl":
+        if not lo <= 1.0 <= hi:
+            raise ValueError(f"INPUT.SCALE_SAMPLING 'u2pl' needs INPUT.SCALE_RANGE to contain 1, got {[lo, hi]}")
+        if np.random.rand() < 0.5:
+            return lo + (1.0 - lo) * float(np.random.rand())
+        return 1.0 + (hi - 1.0) * float(np.random.rand())
+    raise ValueError(f"INPUT.SCALE_SAMPLING: unknown '{sampling}'; known: {', '.join(SCALE_SAMPLINGS)}")
 
 
 def random_scale_crop_flip(
@@ -35,18 +56,19 @@ def random_scale_crop_flip(
     base_size: int = 0,
     crop_size: Optional[Sequence[int]] = (512, 512),
     flip: bool = True,
+    scale_sampling: str = "uniform",
 ) -> Tuple[np.ndarray, List[np.ndarray]]:
     """The train geometry, applied identically to ``image`` (HWC, bilinear) and each ``(mask, pad_value)``
     (HW, nearest).
 
-    1. resize by s ~ U(scale_range) of the original size, or so that the long side is ``base_size * s``
+    1. resize by s ~ ``sample_scale(scale_range, scale_sampling)`` of the original size, or so that the long side is ``base_size * s``
        when ``base_size > 0`` (the VOC recipe of U2PL/UniMatch);
     2. pad bottom/right up to ``crop_size`` (image with 0, each mask with its pad value), then a uniform
        random ``crop_size = (h, w)`` crop (skipped when ``crop_size`` is None);
     3. horizontal flip with probability 0.5 when ``flip``.
     """
     h, w = image.shape[:2]
-    s = float(np.random.uniform(scale_range[0], scale_range[1]))
+    s = sample_scale(scale_range, scale_sampling)
     factor = (base_size * s / max(h, w)) if base_size > 0 else s
     nh, nw = max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
     out_masks = [m for m, _ in masks]
@@ -80,6 +102,10 @@ def _geometry_from_config(cfg) -> Dict:
         raise ValueError(f"INPUT.CROP.TYPE: only 'absolute' (h, w) crops are supported, got '{cfg.INPUT.CROP.TYPE}'")
     if cfg.INPUT.RANDOM_FLIP not in ("horizontal", "none"):
         raise ValueError(f"INPUT.RANDOM_FLIP: 'horizontal' or 'none', got '{cfg.INPUT.RANDOM_FLIP}'")
+    if cfg.INPUT.SCALE_SAMPLING not in SCALE_SAMPLINGS:
+        raise ValueError(
+            f"INPUT.SCALE_SAMPLING: unknown '{cfg.INPUT.SCALE_SAMPLING}'; known: {', '.join(SCALE_SAMPLINGS)}"
+        )
     if cfg.INPUT.FORMAT != "RGB":
         raise ValueError(f"INPUT.FORMAT: the mappers produce RGB images, got '{cfg.INPUT.FORMAT}'")
     return dict(
@@ -87,6 +113,7 @@ def _geometry_from_config(cfg) -> Dict:
         base_size=int(cfg.INPUT.BASE_SIZE),
         crop_size=tuple(cfg.INPUT.CROP.SIZE) if cfg.INPUT.CROP.ENABLED else None,
         flip=cfg.INPUT.RANDOM_FLIP == "horizontal",
+        scale_sampling=cfg.INPUT.SCALE_SAMPLING,
     )
 
 
@@ -102,6 +129,7 @@ class SemSegDatasetMapper:
         base_size: int = 0,
         crop_size: Optional[Sequence[int]] = (512, 512),
         flip: bool = True,
+        scale_sampling: str = "uniform",
         ignore_label: int = 255,
         num_classes: Optional[int] = None,
     ):
@@ -111,6 +139,7 @@ class SemSegDatasetMapper:
         self.base_size = base_size
         self.crop_size = crop_size
         self.flip = flip
+        self.scale_sampling = scale_sampling
         self.ignore_label = ignore_label
         self.num_classes = num_classes
 
@@ -149,7 +178,8 @@ class SemSegDatasetMapper:
             raise KeyError(f"{record['file_name']}: labeled training record without 'sem_seg_file_name'")
         label = self.load_label(record, image.shape)
         image, (label,) = random_scale_crop_flip(
-            image, [(label, self.ignore_label)], self.scale_range, self.base_size, self.crop_size, self.flip
+            image, [(label, self.ignore_label)], self.scale_range, self.base_size, self.crop_size, self.flip,
+            self.scale_sampling,
         )
         out["image"] = _image_tensor(image)
         out["sem_seg"] = torch.from_numpy(label.astype(np.int64))
@@ -167,6 +197,7 @@ class UnlabeledDatasetMapper:
         base_size: int = 0,
         crop_size: Optional[Sequence[int]] = (512, 512),
         flip: bool = True,
+        scale_sampling: str = "uniform",
         strong_aug: Optional[StrongPhotometricAug] = None,
         second_strong: bool = False,
     ):
@@ -175,6 +206,7 @@ class UnlabeledDatasetMapper:
         self.base_size = base_size
         self.crop_size = crop_size
         self.flip = flip
+        self.scale_sampling = scale_sampling
         self.strong_aug = strong_aug if strong_aug is not None else StrongPhotometricAug()
 
     @classmethod
@@ -192,7 +224,8 @@ class UnlabeledDatasetMapper:
         h, w = image.shape[:2]
         valid = np.ones((h, w), dtype=np.uint8)
         image, (valid,) = random_scale_crop_flip(
-            image, [(valid, 0)], self.scale_range, self.base_size, self.crop_size, self.flip
+            image, [(valid, 0)], self.scale_range, self.base_size, self.crop_size, self.flip,
+            self.scale_sampling,
         )
         weak = _image_tensor(image)
         out = {

@@ -11,6 +11,16 @@ def _world_size(group=None) -> int:
     return dist.get_world_size(group)
 
 
+def sum_over_ranks(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of ``x`` over the ranks, differentiable (``torch.distributed.nn``: the gradient of every rank's sum
+    flows back to each rank's input, as in SyncBatchNorm); ``x`` itself when no process group runs."""
+    if _world_size(group) <= 1:
+        return x
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x, group=group) if group is not None else all_reduce(x)
+
+
 def all_gather_variable(tensors: List[torch.Tensor], group=None) -> List[torch.Tensor]:
     """All-gather tensors whose first dim differs across ranks; rank-major concatenation.
 

@@ -10,22 +10,33 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.layers import get_norm
 from torch import nn
 
 from ..utils.dtype import upcast
 
 
-class ProjectionHead(nn.Module):
-    """Per-pixel MLP ``Linear - BatchNorm1d - ReLU - Linear`` on rows ``[N, in_dim] -> [N, out_dim]``
-    (the projector of DGCL / U2PL / ReCo; BN statistics over the rows given)."""
+def row_norm(norm: str, dim: int) -> nn.Module:
+    """The norm layer for rows ``[N, dim]`` named like ``MODEL.SEM_SEG_HEAD.NORM``: "BN" -> BatchNorm1d,
+    "SyncBN" -> nn.SyncBatchNorm (statistics over every rank's rows, as the official DGCL runs after
+    ``convert_sync_batchnorm``; plain batch norm when no process group is running), other detectron2 names via
+    ``get_norm``, "" -> none."""
+    if norm == "BN":
+        return nn.BatchNorm1d(dim)
+    return get_norm(norm, dim) or nn.Identity()
 
-    def __init__(self, in_dim: int, hidden_dim: int = 256, out_dim: int = 256):
+
+class ProjectionHead(nn.Module):
+    """Per-pixel MLP ``Linear - norm - ReLU - Linear`` on rows ``[N, in_dim] -> [N, out_dim]``
+    (the projector of DGCL / U2PL / ReCo; BN statistics over the rows given; ``norm`` as :func:`row_norm`)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 256, out_dim: int = 256, norm: str = "BN"):
         super().__init__()
         self.in_dim = int(in_dim)
         self.out_dim = int(out_dim)
         self.net = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
+            row_norm(norm, hidden_dim),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),
         )

@@ -126,7 +126,7 @@ def flow_nll(flow: CouplingFlow, feats: torch.Tensor, labels: torch.Tensor, weig
 class DDFPTerm(SemiLossTerm):
     """``ddfp``: CE of the student on density-descending perturbed decoder inputs of the strong views.
 
-    Needs a head with ``decoder_input`` / ``decode`` (DeepLabV3PlusFeatHead, DPTHead). Owns the flow, its Adam
+    Needs a head with ``decoder_input`` / ``decode`` (U2PLDeepLabV3PlusHead, DeepLabV3PlusFeatHead, DPTHead). Owns the flow, its Adam
     optimizer (``params_with_own_optimizer``) and, with ``perturbed_bn``, the BN set of the perturbed pass.
     Buffers: ``flow_skipped`` counts flow steps skipped for a non-finite loss/gradient, ``flow_nll`` the
     last flow loss (both logged as ``ddfp/*`` metrics).
@@ -241,7 +241,8 @@ class DDFPTerm(SemiLossTerm):
         if dec_in is None or step.student_decode is None:
             raise ValueError(
                 "SEMI.LOSSES 'ddfp' perturbs the decoder input: it needs MODEL.SEM_SEG_HEAD.NAME "
-                "'DeepLabV3PlusFeatHead' or 'DPTHead' (head outputs 'decoder_input' and a decode() method)"
+                "'U2PLDeepLabV3PlusHead' (the reference's decoder), 'DeepLabV3PlusFeatHead' or 'DPTHead' (head "
+                "outputs 'decoder_input' and a decode() method)"
             )
         head = getattr(step.student_decode, "__self__", None)
         if self.perturbed_norms is not None and head is not None:

@@ -140,6 +140,7 @@ class DGCLTerm(SemiLossTerm):
         burn_in_iters: int = 0,
         ignore_value: int = 255,
         seed: int = 0,
+        norm: str = "BN",
     ):
         super().__init__()
         if bank_source not in _BANK_SOURCES:
@@ -176,7 +177,7 @@ class DGCLTerm(SemiLossTerm):
         self.burn_in_iters = burn_in_iters
         self.ignore_value = ignore_value
         self.seed = seed
-        self.proj = ProjectionHead(feature_dim, proj_dim, proj_dim)
+        self.proj = ProjectionHead(feature_dim, proj_dim, proj_dim, norm)  # SyncBN: the official convert_sync_batchnorm
         self.bank = ClassMemoryBank(num_classes, memory_size, {"feat": feature_dim, "proj": proj_dim, "density": 0})
         skip = torch.zeros(num_classes, dtype=torch.bool)
         skip[list(int(c) for c in skip_classes)] = True
@@ -210,6 +211,7 @@ class DGCLTerm(SemiLossTerm):
             burn_in_iters=cfg.SEMI.BURN_IN_ITERS,
             ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             seed=cfg.SEED if cfg.SEED >= 0 else 0,
+            norm=cfg.MODEL.SEM_SEG_HEAD.NORM,
         )
 
     # ------------------------------------------------------------------ labels

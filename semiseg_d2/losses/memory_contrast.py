@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
-from ..layers.distributed import gather_for_enqueue
+from ..layers.distributed import gather_for_enqueue, sum_over_ranks
 from ..layers.ema import ema_momentum, ema_update_
 from ..layers.memory_bank import ClassMemoryBank, topk_per_class_per_image
 from ..utils.dtype import upcast
@@ -45,13 +45,15 @@ class ClassBatchNorm(nn.Module):
     statistics of the (masked-in) rows of its class. Training mode: batch statistics per class (biased variance,
     like BatchNorm1d), running statistics updated for classes present in the batch (variance: those with >= 2
     rows); eval mode: running statistics. A class with a single row is normalised to its bias (BatchNorm1d
-    raises there). No host sync.
+    raises there). No host sync. ``sync=True`` (``MODEL.SEM_SEG_HEAD.NORM`` "SyncBN") takes the batch statistics
+    over every rank's rows, differentiably, as SyncBatchNorm does.
     """
 
-    def __init__(self, num_classes: int, dim: int, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, num_classes: int, dim: int, eps: float = 1e-5, momentum: float = 0.1, sync: bool = False):
         super().__init__()
         self.eps = eps
         self.momentum = momentum
+        self.sync = bool(sync)
         self.weight = nn.Parameter(torch.ones(num_classes, dim))
         self.bias = nn.Parameter(torch.zeros(num_classes, dim))
         self.register_buffer("running_mean", torch.zeros(num_classes, dim))
@@ -62,11 +64,12 @@ class ClassBatchNorm(nn.Module):
         if self.training:
             C, H = self.running_mean.shape
             w = torch.ones_like(labels, dtype=x.dtype) if mask is None else mask.to(x.dtype)
-            n = x.new_zeros(C).index_add_(0, labels, w)
+            total = sum_over_ranks if self.sync else (lambda t: t)
+            n = total(x.new_zeros(C).index_add_(0, labels, w))
             denom = n.clamp_min(1.0)[:, None]
-            mean = x.new_zeros(C, H).index_add_(0, labels, x * w[:, None]) / denom
+            mean = total(x.new_zeros(C, H).index_add_(0, labels, x * w[:, None])) / denom
             centred = x - mean[labels]
-            var = x.new_zeros(C, H).index_add_(0, labels, centred.square() * w[:, None]) / denom
+            var = total(x.new_zeros(C, H).index_add_(0, labels, centred.square() * w[:, None])) / denom
             with torch.no_grad():
                 m = self.momentum
                 present = (n > 0)[:, None]
@@ -92,14 +95,15 @@ class ClassAttentionSelectors(nn.Module):
     Rows whose label is outside [0, C) are scored with class 0's module and must be masked by the caller.
     """
 
-    def __init__(self, num_classes: int, dim: int, hidden_dim: int = 256, negative_slope: float = 0.2):
+    def __init__(self, num_classes: int, dim: int, hidden_dim: int = 256, negative_slope: float = 0.2,
+                 sync_norm: bool = False):
         super().__init__()
         self.num_classes, self.dim, self.hidden_dim = int(num_classes), int(dim), int(hidden_dim)
         self.negative_slope = negative_slope
         bound1, bound2 = 1.0 / math.sqrt(dim), 1.0 / math.sqrt(hidden_dim)  # nn.Linear's default init
         self.weight1 = nn.Parameter(torch.empty(num_classes, dim, hidden_dim).uniform_(-bound1, bound1))
         self.bias1 = nn.Parameter(torch.empty(num_classes, hidden_dim).uniform_(-bound1, bound1))
-        self.norm = ClassBatchNorm(num_classes, hidden_dim)
+        self.norm = ClassBatchNorm(num_classes, hidden_dim, sync=sync_norm)
         self.weight2 = nn.Parameter(torch.empty(num_classes, hidden_dim).uniform_(-bound2, bound2))
         self.bias2 = nn.Parameter(torch.empty(num_classes).uniform_(-bound2, bound2))
 
@@ -189,7 +193,7 @@ def head_feature_dim(cfg) -> int:
     head = cfg.MODEL.SEM_SEG_HEAD
     if head.NAME == "DeepLabV2Head":
         return cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 8
-    if head.NAME in ("DeepLabV3PlusFeatHead", "DPTHead"):
+    if head.NAME in ("DeepLabV3PlusFeatHead", "U2PLDeepLabV3PlusHead", "DPTHead"):
         return head.CONVS_DIM
     return 0
 
@@ -244,6 +248,7 @@ class MemoryContrastTerm(SemiLossTerm):
         ema_schedule: str = "cosine",
         burn_in_iters: int = 0,
         feature_dim_source: str = "SEMI.MEMORY_CONTRAST.FEATURE_DIM",
+        norm: str = "BN",
     ):
         super().__init__()
         if bank_size <= 0:
@@ -264,10 +269,16 @@ class MemoryContrastTerm(SemiLossTerm):
         self.ema_base = ema_base
         self.ema_schedule = ema_schedule
         self.burn_in_iters = burn_in_iters
-        self.projection = ProjectionHead(feature_dim, hidden_dim, projection_dim)  # g_theta
-        self.prediction = ProjectionHead(projection_dim, hidden_dim, projection_dim)  # q_theta
-        self.selector = ClassAttentionSelectors(num_classes, projection_dim, selector_hidden_dim)  # S_c on P
-        self.memory_selector = ClassAttentionSelectors(num_classes, projection_dim, selector_hidden_dim)  # on Z'
+        # norms follow MODEL.SEM_SEG_HEAD.NORM: SyncBN under DDP syncs these statistics too
+        self.projection = ProjectionHead(feature_dim, hidden_dim, projection_dim, norm)  # g_theta
+        self.prediction = ProjectionHead(projection_dim, hidden_dim, projection_dim, norm)  # q_theta
+        sync = norm == "SyncBN"
+        self.selector = ClassAttentionSelectors(  # S_c on P
+            num_classes, projection_dim, selector_hidden_dim, sync_norm=sync
+        )
+        self.memory_selector = ClassAttentionSelectors(  # S_c on Z'
+            num_classes, projection_dim, selector_hidden_dim, sync_norm=sync
+        )
         # Teacher side (g_xi, S_xi): EMA copies, never trained, eval-mode BN like the teacher network.
         self.teacher_projection = copy.deepcopy(self.projection).requires_grad_(False).eval()
         self.teacher_memory_selector = copy.deepcopy(self.memory_selector).requires_grad_(False).eval()
@@ -321,6 +332,7 @@ class MemoryContrastTerm(SemiLossTerm):
             ema_base=cfg.SEMI.EMA.MOMENTUM,
             ema_schedule=cfg.SEMI.EMA.SCHEDULE,
             burn_in_iters=cfg.SEMI.BURN_IN_ITERS,
+            norm=cfg.MODEL.SEM_SEG_HEAD.NORM,
         )
 
     def train(self, mode: bool = True):

@@ -12,7 +12,46 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from .aux_fcn import AuxFCNHead, build_aux_head
 
-__all__ = ["DeepLabV3PlusFeatHead"]
+__all__ = ["DeepLabV3PlusFeatHead", "check_in_features", "v3plus_kwargs_from_config"]
+
+
+def check_in_features(input_shape: Dict[str, ShapeSpec], names: Sequence[str]) -> None:
+    """A clear error for a head input that the backbone does not produce."""
+    for name in names:
+        if name not in input_shape:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.IN_FEATURES: {name!r} is not a backbone output {sorted(input_shape)}"
+            )
+
+
+def v3plus_kwargs_from_config(cfg, input_shape: Dict[str, ShapeSpec], head_name: str) -> Dict:
+    """The constructor arguments of a DeepLabV3+ head (this one and U2PLDeepLabV3PlusHead) from
+    ``MODEL.SEM_SEG_HEAD``."""
+    head = cfg.MODEL.SEM_SEG_HEAD
+    if len(head.IN_FEATURES) != 2:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.IN_FEATURES: {head_name} needs [low_level, high_level], "
+            f"got {list(head.IN_FEATURES)}"
+        )
+    if len(head.PROJECT_CHANNELS) != 1:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS: one width expected, got {list(head.PROJECT_CHANNELS)}"
+        )
+    return {
+        "input_shape": input_shape,
+        "num_classes": head.NUM_CLASSES,
+        "low_level_feature": head.IN_FEATURES[0],
+        "in_feature": head.IN_FEATURES[-1],
+        "project_channels": head.PROJECT_CHANNELS[0],
+        "aspp_channels": head.ASPP_CHANNELS,
+        "aspp_dilations": head.ASPP_DILATIONS,
+        "aspp_dropout": head.ASPP_DROPOUT,
+        "convs_dim": head.CONVS_DIM,
+        "decoder_dropout": head.DECODER_DROPOUT,
+        "norm": head.NORM,
+        "aux_head": build_aux_head(cfg, input_shape),
+        "aux_in_feature": head.AUX_IN_FEATURE,
+    }
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -50,11 +89,7 @@ class DeepLabV3PlusFeatHead(nn.Module):
         aux_in_feature: str = "res4",
     ):
         super().__init__()
-        for name in (low_level_feature, in_feature):
-            if name not in input_shape:
-                raise ValueError(
-                    f"MODEL.SEM_SEG_HEAD.IN_FEATURES: {name!r} is not a backbone output {sorted(input_shape)}"
-                )
+        check_in_features(input_shape, (low_level_feature, in_feature))
         self.low_level_feature = low_level_feature
         self.in_feature = in_feature
         self.aux_in_feature = aux_in_feature
@@ -96,31 +131,7 @@ class DeepLabV3PlusFeatHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        head = cfg.MODEL.SEM_SEG_HEAD
-        if len(head.IN_FEATURES) != 2:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IN_FEATURES: DeepLabV3PlusFeatHead needs [low_level, high_level], "
-                f"got {list(head.IN_FEATURES)}"
-            )
-        if len(head.PROJECT_CHANNELS) != 1:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS: one width expected, got {list(head.PROJECT_CHANNELS)}"
-            )
-        return {
-            "input_shape": input_shape,
-            "num_classes": head.NUM_CLASSES,
-            "low_level_feature": head.IN_FEATURES[0],
-            "in_feature": head.IN_FEATURES[-1],
-            "project_channels": head.PROJECT_CHANNELS[0],
-            "aspp_channels": head.ASPP_CHANNELS,
-            "aspp_dilations": head.ASPP_DILATIONS,
-            "aspp_dropout": head.ASPP_DROPOUT,
-            "convs_dim": head.CONVS_DIM,
-            "decoder_dropout": head.DECODER_DROPOUT,
-            "norm": head.NORM,
-            "aux_head": build_aux_head(cfg, input_shape),
-            "aux_in_feature": head.AUX_IN_FEATURE,
-        }
+        return v3plus_kwargs_from_config(cfg, input_shape, cls.__name__)
 
     def decode(self, decoder_input: torch.Tensor, norms: Optional[Sequence[nn.Module]] = None):
         """``decoder_input: [B, decoder_input_dim, h, w]`` -> ``(features [B, D, h, w], logits [B, C, h, w])``.
