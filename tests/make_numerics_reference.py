@@ -118,8 +118,7 @@ def run_method(method: str, steps: int = STEPS) -> dict:
             batches = [labeled for labeled, _ in batches]
         loop = SemiSegTrainLoop(model, batches, optimizer, amp_dtype=None, check_finite=True)
         if semi:
-            s = cfg.SEMI
-            loop.register_hooks([EMAHook(s.EMA.MOMENTUM, s.EMA.SCHEDULE, s.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER)])
+            loop.register_hooks([EMAHook.from_config(cfg)])
         captured = []
         handle = model.register_forward_hook(
             lambda m, args, out: captured.append({k: float(v.detach()) for k, v in out.items()})

@@ -247,8 +247,7 @@ def build_training(cfg, data):
                             check_finite=cfg.SEMI.NONFINITE_CHECK)
     trainer_hooks = [hooks.LRScheduler(optimizer, scheduler)]
     if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor":
-        s = cfg.SEMI
-        trainer_hooks.append(EMAHook(s.EMA.MOMENTUM, s.EMA.SCHEDULE, s.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER))
+        trainer_hooks.append(EMAHook.from_config(cfg))
     loop.register_hooks(trainer_hooks)
     return model, loop
 

@@ -275,7 +275,7 @@ class SemiSegTrainer(SegTrainer):
     def build_hooks(self):
         ret = super().build_hooks()
         cfg = self.cfg
-        ema = EMAHook(cfg.SEMI.EMA.MOMENTUM, cfg.SEMI.EMA.SCHEDULE, cfg.SEMI.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER)
+        ema = EMAHook.from_config(cfg)
         # The teacher must be updated before checkpointing/evaluation of the same iteration.
         ret.insert(2, ema)
         if cfg.SEMI.VIS_PERIOD > 0 and comm.is_main_process():
