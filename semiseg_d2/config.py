@@ -136,6 +136,14 @@ def add_semiseg_config(cfg: CN) -> CN:
     # True: the teacher's BN running statistics are EMA-averaged with its weights (UniMatch V2), so they belong to
     # the averaged weights; False: copied from the student after every update (statistics of other weights).
     cfg.SEMI.EMA.AVERAGE_BUFFERS = True
+    # Pseudo-label diagnostics (semiseg_d2/evaluation/pseudo_label_diagnostics.py): the ground truth of the unlabeled
+    # frames, looked up in GT_DATASETS (e.g. ("camvid_train",)), rides along as `diagnostic_sem_seg` (never read by a
+    # loss) and the accuracy / kept fraction / per-class precision and recall of the pseudo-labels over the last
+    # WINDOW steps go to metrics.json ("pl_diag/*"). Measurement only: losses and gradients do not change.
+    cfg.SEMI.DIAGNOSTICS = CN()
+    cfg.SEMI.DIAGNOSTICS.ENABLED = False
+    cfg.SEMI.DIAGNOSTICS.GT_DATASETS = ()
+    cfg.SEMI.DIAGNOSTICS.WINDOW = 20
     cfg.SEMI.MIX = CN()
     cfg.SEMI.MIX.TYPE = "cutmix"  # "none", "cutmix" (one box), "classmix" (half of the teacher's classes)
     cfg.SEMI.MIX.PROB = 0.5  # probability that a strong image is mixed

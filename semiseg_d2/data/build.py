@@ -207,7 +207,29 @@ def build_semi_train_loader(cfg) -> SemiTrainLoader:
     check_same_label_space(labeled_names + unlabeled_names)
     _per_rank_batch(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH")
     _per_rank_batch(cfg.SOLVER.IMS_PER_BATCH_UNLABELED, "SOLVER.IMS_PER_BATCH_UNLABELED")
-    return build_paired_loader(cfg, SemSegDatasetMapper(cfg, True), UnlabeledDatasetMapper(cfg))
+    return build_paired_loader(cfg, SemSegDatasetMapper(cfg, True), _unlabeled_mapper(cfg, unlabeled_names))
+
+
+def _unlabeled_mapper(cfg, unlabeled_names: Sequence[str]):
+    """``UnlabeledDatasetMapper(cfg)``; with ``SEMI.DIAGNOSTICS.ENABLED`` wrapped to add each frame's ground truth
+    from ``SEMI.DIAGNOSTICS.GT_DATASETS`` (measurements only, see evaluation/pseudo_label_diagnostics.py)."""
+    mapper = UnlabeledDatasetMapper(cfg)
+    d = cfg.SEMI.DIAGNOSTICS
+    if not d.ENABLED:
+        return mapper
+    from ..evaluation.pseudo_label_diagnostics import WithDiagnosticGT, diagnostic_gt_files
+
+    names = list(d.GT_DATASETS)
+    if not names:
+        raise ValueError("SEMI.DIAGNOSTICS.ENABLED needs SEMI.DIAGNOSTICS.GT_DATASETS: the labeled dataset(s) holding "
+                         f"the ground truth of the unlabeled frames of {list(unlabeled_names)} (e.g. camvid_train)")
+    check_same_label_space(list(unlabeled_names) + names)
+    wrapped = WithDiagnosticGT(
+        mapper, diagnostic_gt_files(load_dataset_dicts(names, "SEMI.DIAGNOSTICS.GT_DATASETS")),
+        f"SEMI.DIAGNOSTICS.GT_DATASETS {names}",
+    )
+    wrapped.check(load_dataset_dicts(unlabeled_names, "DATASETS.TRAIN_UNLABELED"))
+    return wrapped
 
 
 def build_sem_seg_test_loader(cfg, dataset_name: str):

@@ -7,7 +7,8 @@
   ``MIN_SIZE_TEST 0`` keeps the original size); the model upsamples its prediction to ``height`` x ``width``.
 - :class:`UnlabeledDatasetMapper`: ``{"image": weak uint8[3,H,W], "image_strong": uint8[3,H,W],
   "valid": bool[H,W] (False on padding), "file_name", "height", "width"}``; the strong view is the weak crop
-  after photometric-only augmentation, so both share the exact geometry. Labels are never read.
+  after photometric-only augmentation, so both share the exact geometry. Labels are never read, except with
+  ``SEMI.DIAGNOSTICS`` (``diagnostic_sem_seg``: the ground truth through the same geometry, for measurements only).
 
 ``height``/``width`` are the original image size. Randomness uses numpy's and torch's global RNGs, which
 detectron2 seeds per data-loader worker, so a run is reproducible given its seed.
@@ -187,7 +188,9 @@ class UnlabeledDatasetMapper:
         crop_size: Optional[Sequence[int]] = (512, 512),
         flip: bool = True,
         strong_aug: Optional[StrongPhotometricAug] = None,
+        ignore_label: int = 255,
     ):
+        self.ignore_label = ignore_label  # padding of the diagnostic ground truth
         self.scale_range = scale_range
         self.base_size = base_size
         self.crop_size = crop_size
@@ -196,17 +199,25 @@ class UnlabeledDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg):
-        return dict(strong_aug=StrongPhotometricAug.from_config(cfg), **_geometry_from_config(cfg))
+        return dict(
+            strong_aug=StrongPhotometricAug.from_config(cfg),
+            ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            **_geometry_from_config(cfg),
+        )
 
     def __call__(self, record: Dict) -> Dict:
         image = d2_utils.read_image(record["file_name"], format="RGB")
         h, w = image.shape[:2]
         valid = np.ones((h, w), dtype=np.uint8)
-        image, (valid,) = random_scale_crop_flip(
-            image, [(valid, 0)], self.scale_range, self.base_size, self.crop_size, self.flip
+        masks = [(valid, 0)]
+        gt_file = record.get("diagnostic_sem_seg_file_name")  # SEMI.DIAGNOSTICS only: never read by a loss
+        if gt_file is not None:
+            masks.append((self._diagnostic_gt(record, gt_file, image.shape), self.ignore_label))
+        image, (valid, *gt) = random_scale_crop_flip(
+            image, masks, self.scale_range, self.base_size, self.crop_size, self.flip
         )
         weak = _image_tensor(image)
-        return {
+        out = {
             "image": weak,
             "image_strong": self.strong_aug(weak),
             "valid": torch.from_numpy(valid.astype(bool)),
@@ -214,3 +225,14 @@ class UnlabeledDatasetMapper:
             "height": h,
             "width": w,
         }
+        if gt:
+            out["diagnostic_sem_seg"] = torch.from_numpy(gt[0].astype(np.int64))
+        return out
+
+    @staticmethod
+    def _diagnostic_gt(record: Dict, path: str, image_shape) -> np.ndarray:
+        label = load_sem_seg(path, record.get("diagnostic_sem_seg_dataset", record.get("dataset_name")))
+        if label.shape != tuple(image_shape[:2]):
+            raise ValueError(f"diagnostic ground truth {path} is {label.shape} but image {record['file_name']} is "
+                             f"{tuple(image_shape[:2])}")
+        return label

@@ -14,16 +14,18 @@ leaves a small detached CPU copy of the first images of each part in ``vis_recor
 anything beyond the optimizer step.
 """
 from contextlib import nullcontext
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from ...config import check_semiseg_config
 from ...data.transforms import classmix_masks, cutmix_masks, mix, shifted_partner_index
+from ...evaluation.pseudo_label_diagnostics import PseudoLabelDiagnostics
 from ...evaluation.visualize import denormalize
 from ...losses.pseudo_label import softmax_entropy
 from ...losses.registry import build_loss_terms
@@ -45,6 +47,17 @@ def split_outputs(outputs: Dict[str, torch.Tensor], sizes: Sequence[int]) -> Lis
     return parts
 
 
+def _diagnostics_from_config(cfg) -> Optional[PseudoLabelDiagnostics]:
+    if not cfg.SEMI.DIAGNOSTICS.ENABLED:
+        return None
+    names = list(cfg.DATASETS.TRAIN_UNLABELED) or list(cfg.SEMI.DIAGNOSTICS.GT_DATASETS)
+    if not names:
+        raise ValueError("SEMI.DIAGNOSTICS.ENABLED: DATASETS.TRAIN_UNLABELED is empty (the class names come from it)")
+    return PseudoLabelDiagnostics(
+        MetadataCatalog.get(names[0]).stuff_classes, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE, cfg.SEMI.DIAGNOSTICS.WINDOW
+    )
+
+
 @META_ARCH_REGISTRY.register()
 class SemiSegmentor(TeacherStudent):
     """Student + EMA teacher + loss terms. Inference runs ``eval_network`` ("student" or "teacher")."""
@@ -63,6 +76,7 @@ class SemiSegmentor(TeacherStudent):
         cutmix_ratio: Tuple[float, float] = (0.3, 1 / 0.3),
         student_weak: bool = False,
         teacher_autocast: bool = True,
+        diagnostics: Optional[PseudoLabelDiagnostics] = None,
     ):
         if mix_type not in _MIX_TYPES:
             raise ValueError(f"SEMI.MIX.TYPE: unknown '{mix_type}'; known: {', '.join(_MIX_TYPES)}")
@@ -74,6 +88,7 @@ class SemiSegmentor(TeacherStudent):
         self.student_weak = student_weak or any(t.needs_student_weak for t in terms.values())
         self.teacher_labeled = any(t.needs_teacher_labeled for t in terms.values())
         self.teacher_autocast = teacher_autocast
+        self.diagnostics = diagnostics  # SEMI.DIAGNOSTICS: pseudo-label quality against unread ground truth
         self.keep_vis = 0  # images per part to copy into vis_record on this step (set by TrainingVisHook)
         self.vis_record = None  # detached CPU copy for the pictures, taken by TrainingVisHook
 
@@ -92,6 +107,7 @@ class SemiSegmentor(TeacherStudent):
             cutmix_ratio=m.CUTMIX_RATIO,
             student_weak=cfg.SEMI.STUDENT_WEAK,
             teacher_autocast=cfg.SEMI.TEACHER_AUTOCAST,
+            diagnostics=_diagnostics_from_config(cfg),
         )
 
     @property
@@ -113,6 +129,8 @@ class SemiSegmentor(TeacherStudent):
         labeled, unlabeled = batched_inputs
         step = self.compute_step(labeled, unlabeled)
         losses = self.run_terms(step)
+        if self.diagnostics is not None and not step.burn_in:
+            step.metrics.update(self.diagnostics(step, self.diagnostics.ground_truth(unlabeled, step, self.device)))
         if self.keep_vis > 0:
             self.vis_record = self.vis_summary(step, self.keep_vis)
         return losses
