@@ -99,8 +99,9 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.INPUT.CROP.TYPE = "absolute"
     cfg.INPUT.CROP.SIZE = (512, 512)  # (h, w); images smaller than this are padded (labels with ignore)
     cfg.INPUT.RANDOM_FLIP = "horizontal"
-    # DefaultPredictor resizes by MIN_SIZE_TEST (detectron2 default 800) before the model; 0 is its no-op, so
-    # predictions are made at the native size like the evaluation loader (TEST.SLIDING_WINDOW / TEST.AUG do the rest).
+    # DefaultPredictor and the evaluation loader both resize by MIN_SIZE_TEST / MAX_SIZE_TEST (detectron2 default
+    # 800) before the model, which upsamples its prediction to the original size; 0 is the no-op: native size
+    # (TEST.SLIDING_WINDOW / TEST.AUG do the rest).
     cfg.INPUT.MIN_SIZE_TEST = 0
     # Strong view of unlabeled images (UniMatch defaults): photometric only, same geometry as the weak view.
     cfg.INPUT.STRONG = CN()
@@ -173,6 +174,17 @@ def add_semiseg_config(cfg: CN) -> CN:
     # "constant": m; "warm_start": min(1 - 1/(it+1), m) (DGCL/U2PL);
     # "cosine": m -> 1 over training, m_t = 1 - (1 - m) * (cos(pi*t/T) + 1) / 2 (Alonso et al.)
     cfg.SEMI.EMA.SCHEDULE = "warm_start"
+    # True: the teacher's BN running statistics are EMA-averaged with its weights (UniMatch V2), so they belong to
+    # the averaged weights; False: copied from the student after every update (statistics of other weights).
+    cfg.SEMI.EMA.AVERAGE_BUFFERS = True
+    # Pseudo-label diagnostics (semiseg_d2/evaluation/pseudo_label_diagnostics.py): the ground truth of the unlabeled
+    # frames, looked up in GT_DATASETS (e.g. ("camvid_train",)), rides along as `diagnostic_sem_seg` (never read by a
+    # loss) and the accuracy / kept fraction / per-class precision and recall of the pseudo-labels over the last
+    # WINDOW steps go to metrics.json ("pl_diag/*"). Measurement only: losses and gradients do not change.
+    cfg.SEMI.DIAGNOSTICS = CN()
+    cfg.SEMI.DIAGNOSTICS.ENABLED = False
+    cfg.SEMI.DIAGNOSTICS.GT_DATASETS = ()
+    cfg.SEMI.DIAGNOSTICS.WINDOW = 20
     cfg.SEMI.MIX = CN()
     cfg.SEMI.MIX.TYPE = "cutmix"  # "none", "cutmix" (one box), "classmix" (half of the teacher's classes)
     cfg.SEMI.MIX.PROB = 0.5  # probability that a strong image is mixed

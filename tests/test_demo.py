@@ -266,3 +266,38 @@ def test_export_model_shares_the_network_selection(run_files, tmp_path):
     assert exported_state(exported)["network"] == "segmentor"  # a Segmentor checkpoint is copied as it is
     with pytest.raises(ValueError, match="plain Segmentor checkpoint"):
         exported_state(exported, "--network", "teacher")
+
+
+def test_evaluation_resizes_like_the_predictor_and_scores_the_same_predictions(run_files):
+    """The trainer's evaluation (test loader + SemSegEvaluator) and SemiSegPredictor, same config (MIN_SIZE_TEST
+    64 / MAX_SIZE_TEST 128): the loader feeds the model the predictor's resized frame and the scores are those
+    of the predictor's predictions (upsampled back to the 480x360 labels)."""
+    from detectron2.data import DatasetCatalog
+
+    from semiseg_d2.data.build import build_sem_seg_test_loader
+    from semiseg_d2.engine.trainer import SemiSegTrainer
+    from semiseg_d2.evaluation import build_sem_seg_evaluator
+
+    config, weights, _, _ = run_files
+    cfg = demo.setup_cfg(_args(config, weights, [FRAME], "unused"))
+    cfg.defrost()
+    cfg.TEST.EVAL_STUDENT, cfg.TEST.EVAL_TEACHER = False, True
+    first = next(iter(build_sem_seg_test_loader(cfg, "camvid_mini_val")))[0]
+    assert tuple(first["image"].shape) == (3, 64, 85) and (first["height"], first["width"]) == (360, 480)
+    model = build_model(cfg)
+    SemiSegCheckpointer(model).load(weights)
+    evaluated = SemiSegTrainer.test(cfg, model)["teacher"]["sem_seg"]
+
+    predictor = _predictor(config, weights, network="teacher")
+    evaluator = build_sem_seg_evaluator(cfg, "camvid_mini_val", distributed=False)
+    evaluator.reset()
+    records = DatasetCatalog.get("camvid_mini_val")
+    for r in records:
+        out = predictor(cv2.imread(r["file_name"]))
+        assert tuple(out["sem_seg"].shape[-2:]) == (360, 480)
+        evaluator.process([{"file_name": r["file_name"]}], [out])
+    predicted = evaluator.evaluate()["sem_seg"]
+    assert set(predicted) == set(evaluated)
+    for key, value in predicted.items():
+        assert value == pytest.approx(evaluated[key], nan_ok=True), key
+    assert evaluated["mIoU"] > 0

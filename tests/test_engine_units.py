@@ -45,6 +45,49 @@ def test_ema_hook_schedule_counts_from_end_of_burn_in():
         EMAHook(0.9, "linear", 0, 10)
 
 
+def _bn_pair():
+    """(teacher, student) one-BN networks whose weights and running statistics differ."""
+    teacher, student = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        teacher.running_mean.fill_(1.0)
+        teacher.running_var.fill_(4.0)
+        teacher.weight.fill_(2.0)
+        student.running_mean.fill_(3.0)
+        student.running_var.fill_(8.0)
+        student.num_batches_tracked.fill_(7)
+    return teacher, student
+
+
+def _run_ema_hook(hook, teacher, student, iteration):
+    from types import SimpleNamespace
+
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(iteration) as storage:
+        hook.trainer = SimpleNamespace(iter=iteration, model=SimpleNamespace(teacher=teacher, student=student),
+                                       storage=storage)
+        hook.after_step()
+
+
+def test_ema_hook_averages_bn_statistics_with_the_weights_by_default_or_copies_them():
+    cfg = get_semiseg_cfg()
+    cfg.SEMI.EMA.MOMENTUM, cfg.SEMI.EMA.SCHEDULE, cfg.SEMI.BURN_IN_ITERS = 0.75, "constant", 0
+    assert cfg.SEMI.EMA.AVERAGE_BUFFERS is True
+    teacher, student = _bn_pair()
+    _run_ema_hook(EMAHook.from_config(cfg), teacher, student, iteration=5)
+    assert torch.allclose(teacher.weight, torch.full((3,), 0.75 * 2.0 + 0.25 * 1.0))
+    assert torch.allclose(teacher.running_mean, torch.full((3,), 0.75 * 1.0 + 0.25 * 3.0))
+    assert torch.allclose(teacher.running_var, torch.full((3,), 0.75 * 4.0 + 0.25 * 8.0))
+    assert int(teacher.num_batches_tracked) == 7  # integer buffer: copied
+
+    cfg.SEMI.EMA.AVERAGE_BUFFERS = False
+    teacher, student = _bn_pair()
+    _run_ema_hook(EMAHook.from_config(cfg), teacher, student, iteration=5)
+    assert torch.allclose(teacher.weight, torch.full((3,), 0.75 * 2.0 + 0.25 * 1.0))
+    assert torch.equal(teacher.running_mean, student.running_mean)
+    assert torch.equal(teacher.running_var, student.running_var)
+
+
 def test_config_differences_lists_keys_and_ignores_free_ones():
     a = get_semiseg_cfg()
     b = a.clone()

@@ -78,6 +78,32 @@ def test_supervised_training_on_camvid_reduces_loss(tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_burn_in_trains_the_student_exactly_as_the_supervised_run(tmp_path):
+    """Same SEED, same labeled set: the semi-supervised run's burn-in steps are the supervised run's steps (same
+    initial weights, same labeled batches), so the student leaves burn-in equal to the supervised model."""
+    semi = camvid_semi_cfg(tmp_path / "semi", max_iter=3, **{"SEMI.BURN_IN_ITERS": 3, "DATASETS.TEST": ()})
+    sup = semi.clone()
+    sup.MODEL.META_ARCHITECTURE = "Segmentor"
+    sup.DATASETS.TRAIN = semi.DATASETS.TRAIN_LABELED
+    sup.OUTPUT_DIR = str(tmp_path / "sup")
+    for cfg in (semi, sup):
+        torch.manual_seed(cfg.SEED)  # what default_setup does before the trainer builds the model
+        trainer = (SemiSegTrainer if cfg is semi else SegTrainer)(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+    student = {k[len("student."):]: v for k, v in _final_state(tmp_path / "semi").items() if k.startswith("student.")}
+    supervised = _final_state(tmp_path / "sup")
+    assert set(student) == set(supervised)
+    changed = [k for k in supervised if not torch.equal(student[k], supervised[k])]
+    assert changed == []
+    first = {k: v for k, v in supervised.items() if k.endswith("weight")}
+    torch.manual_seed(sup.SEED)
+    from detectron2.modeling import build_model
+
+    initial = build_model(sup).state_dict()
+    assert any(not torch.equal(initial[k], first[k]) for k in first)  # training moved the weights
+
+
 def test_exact_resume_after_kill(tmp_path):
     n = 6
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"

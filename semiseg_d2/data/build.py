@@ -113,11 +113,19 @@ def _stream(cfg, dicts: List[Dict], mapper, per_rank_batch: int, stream_id: int)
     )
 
 
+# Stream ids (one run's streams are independent). A semi-supervised run's single labeled stream is the supervised
+# loader's: for one SEED its labeled batches are those of the supervised run on the same set (same frames, same
+# augmentation), so the burn-in trains the student exactly as the supervised baseline and a paired difference
+# between the two measures the unlabeled part, not another data order.
+_SUPERVISED_STREAM, _UNLABELED_STREAM, _FIRST_LABELED_SOURCE_STREAM = 0, 1, 2
+
+
 def build_sem_seg_train_loader(cfg) -> StreamLoader:
     """Supervised loader: ``DATASETS.TRAIN`` through ``SemSegDatasetMapper(cfg, True)``; yields lists of dicts."""
     dicts = load_dataset_dicts(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     batch = _per_rank_batch(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH")
-    return StreamLoader([_stream(cfg, dicts, SemSegDatasetMapper(cfg, True), batch, 0)], cfg.DATALOADER.NUM_WORKERS)
+    stream = _stream(cfg, dicts, SemSegDatasetMapper(cfg, True), batch, _SUPERVISED_STREAM)
+    return StreamLoader([stream], cfg.DATALOADER.NUM_WORKERS)
 
 
 class SemiTrainLoader(StreamLoader):
@@ -168,7 +176,7 @@ def build_paired_loader(
     workers = cfg.DATALOADER.NUM_WORKERS
 
     unlabeled = load_dataset_dicts(unlabeled_names, "DATASETS.TRAIN_UNLABELED", unlabeled=True, label_keys=label_keys)
-    unlabeled_stream = _stream(cfg, unlabeled, unlabeled_mapper, unl_batch, 1)
+    unlabeled_stream = _stream(cfg, unlabeled, unlabeled_mapper, unl_batch, _UNLABELED_STREAM)
 
     def labeled_dicts(names):
         dicts = load_dataset_dicts(names, labeled_key)
@@ -193,10 +201,10 @@ def build_paired_loader(
                     f"DATASETS.TRAIN_LABELED_RATIOS {ratios}: '{name}' gets 0 of the {lab_batch} labeled images per "
                     "batch; raise SOLVER.IMS_PER_BATCH or its ratio"
                 )
-            streams.append(_stream(cfg, labeled_dicts([name]), labeled_mapper, n, 2 + i))
+            streams.append(_stream(cfg, labeled_dicts([name]), labeled_mapper, n, _FIRST_LABELED_SOURCE_STREAM + i))
         logger.info("labeled batch composition: %s", dict(zip(labeled_names, counts)))
     else:
-        streams = [_stream(cfg, labeled_dicts(labeled_names), labeled_mapper, lab_batch, 2)]
+        streams = [_stream(cfg, labeled_dicts(labeled_names), labeled_mapper, lab_batch, _SUPERVISED_STREAM)]
     return SemiTrainLoader(streams + [unlabeled_stream], workers)
 
 
@@ -207,7 +215,29 @@ def build_semi_train_loader(cfg) -> SemiTrainLoader:
     check_same_label_space(labeled_names + unlabeled_names)
     _per_rank_batch(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH")
     _per_rank_batch(cfg.SOLVER.IMS_PER_BATCH_UNLABELED, "SOLVER.IMS_PER_BATCH_UNLABELED")
-    return build_paired_loader(cfg, SemSegDatasetMapper(cfg, True), UnlabeledDatasetMapper(cfg))
+    return build_paired_loader(cfg, SemSegDatasetMapper(cfg, True), _unlabeled_mapper(cfg, unlabeled_names))
+
+
+def _unlabeled_mapper(cfg, unlabeled_names: Sequence[str]):
+    """``UnlabeledDatasetMapper(cfg)``; with ``SEMI.DIAGNOSTICS.ENABLED`` wrapped to add each frame's ground truth
+    from ``SEMI.DIAGNOSTICS.GT_DATASETS`` (measurements only, see evaluation/pseudo_label_diagnostics.py)."""
+    mapper = UnlabeledDatasetMapper(cfg)
+    d = cfg.SEMI.DIAGNOSTICS
+    if not d.ENABLED:
+        return mapper
+    from ..evaluation.pseudo_label_diagnostics import WithDiagnosticGT, diagnostic_gt_files
+
+    names = list(d.GT_DATASETS)
+    if not names:
+        raise ValueError("SEMI.DIAGNOSTICS.ENABLED needs SEMI.DIAGNOSTICS.GT_DATASETS: the labeled dataset(s) holding "
+                         f"the ground truth of the unlabeled frames of {list(unlabeled_names)} (e.g. camvid_train)")
+    check_same_label_space(list(unlabeled_names) + names)
+    wrapped = WithDiagnosticGT(
+        mapper, diagnostic_gt_files(load_dataset_dicts(names, "SEMI.DIAGNOSTICS.GT_DATASETS")),
+        f"SEMI.DIAGNOSTICS.GT_DATASETS {names}",
+    )
+    wrapped.check(load_dataset_dicts(unlabeled_names, "DATASETS.TRAIN_UNLABELED"))
+    return wrapped
 
 
 def build_sem_seg_test_loader(cfg, dataset_name: str):

@@ -2,10 +2,14 @@
 
 - :class:`SemSegDatasetMapper` ``is_train=True``: ``{"image": uint8[3,H,W], "sem_seg": long[H,W], "file_name",
   "height", "width"}`` (random scale, crop with padding: image 0, label ignore; horizontal flip);
-  ``is_train=False``: ``{"image": uint8[3,H,W] original size, "file_name", "height", "width"}``.
+  ``is_train=False``: ``{"image": uint8[3,h,w], "file_name", "height", "width"}``, the image resized by
+  ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` exactly as ``DefaultPredictor`` does (:func:`test_resize_from_config`;
+  ``MIN_SIZE_TEST 0`` keeps the original size); the model upsamples its prediction to ``height`` x ``width``.
 - :class:`UnlabeledDatasetMapper`: ``{"image": weak uint8[3,H,W], "image_strong": uint8[3,H,W],
   "valid": bool[H,W] (False on padding), "file_name", "height", "width"}``; the strong view is the weak crop
-  after photometric-only augmentation, so both share the exact geometry. Labels are never read. With
+  after photometric-only augmentation, so both share the exact geometry. Labels are never read (except with
+  ``SEMI.DIAGNOSTICS``: ``diagnostic_sem_seg``, the ground truth through the same geometry, for measurements
+  only). With
   ``second_strong`` (a ``SEMI.LOSSES`` term declares ``needs_second_strong``: UniMatch) also ``"image_strong2"``,
   a second, independent photometric draw of the same crop, drawn after the first (which is unchanged).
 
@@ -19,13 +23,15 @@ import cv2
 import numpy as np
 import torch
 
+import detectron2.data.transforms as T
 from detectron2.config import configurable
 from detectron2.data import detection_utils as d2_utils
 
 from .label_io import check_label_values, load_sem_seg
 from .transforms import StrongPhotometricAug
 
-__all__ = ["SemSegDatasetMapper", "UnlabeledDatasetMapper", "random_scale_crop_flip", "sample_scale"]
+__all__ = ["SemSegDatasetMapper", "UnlabeledDatasetMapper", "random_scale_crop_flip", "sample_scale",
+           "test_resize_from_config"]
 
 SCALE_SAMPLINGS = ("uniform", "u2pl")
 
@@ -93,6 +99,18 @@ def random_scale_crop_flip(
     return np.ascontiguousarray(image), [np.ascontiguousarray(m) for m in out_masks]
 
 
+def test_resize_from_config(cfg) -> T.ResizeShortestEdge:
+    """The test-time resize of ``DefaultPredictor`` (short side ``INPUT.MIN_SIZE_TEST``, long side at most
+    ``INPUT.MAX_SIZE_TEST``; ``MIN_SIZE_TEST`` 0 is a no-op): the evaluation loader and the predictor share it."""
+    min_size, max_size = int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MAX_SIZE_TEST)
+    if min_size < 0 or (min_size > 0 and max_size <= 0):
+        raise ValueError(
+            f"INPUT.MIN_SIZE_TEST={min_size} / MAX_SIZE_TEST={max_size}: MIN_SIZE_TEST must be 0 (original size) or "
+            "> 0 with MAX_SIZE_TEST > 0"
+        )
+    return T.ResizeShortestEdge([min_size, min_size], max_size)
+
+
 def _image_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
@@ -132,9 +150,12 @@ class SemSegDatasetMapper:
         scale_sampling: str = "uniform",
         ignore_label: int = 255,
         num_classes: Optional[int] = None,
+        test_resize: Optional[T.Augmentation] = None,
     ):
-        """``num_classes`` validates labels of records without ``dataset_name`` (others use their metadata)."""
+        """``num_classes`` validates labels of records without ``dataset_name`` (others use their metadata);
+        ``test_resize`` (``is_train=False``) resizes the image, None keeps it as it is."""
         self.is_train = is_train
+        self.test_resize = test_resize
         self.scale_range = scale_range
         self.base_size = base_size
         self.crop_size = crop_size
@@ -149,6 +170,7 @@ class SemSegDatasetMapper:
             is_train=is_train,
             ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            test_resize=None if is_train else test_resize_from_config(cfg),
             **_geometry_from_config(cfg),
         )
 
@@ -172,6 +194,8 @@ class SemSegDatasetMapper:
         if "dataset_name" in record:
             out["dataset_name"] = record["dataset_name"]
         if not self.is_train:
+            if self.test_resize is not None:
+                image = self.test_resize.get_transform(image).apply_image(image)
             out["image"] = _image_tensor(image)
             return out
         if "sem_seg_file_name" not in record:
@@ -200,8 +224,10 @@ class UnlabeledDatasetMapper:
         scale_sampling: str = "uniform",
         strong_aug: Optional[StrongPhotometricAug] = None,
         second_strong: bool = False,
+        ignore_label: int = 255,
     ):
         self.second_strong = second_strong
+        self.ignore_label = ignore_label  # padding of the diagnostic ground truth
         self.scale_range = scale_range
         self.base_size = base_size
         self.crop_size = crop_size
@@ -216,6 +242,7 @@ class UnlabeledDatasetMapper:
         return dict(
             strong_aug=StrongPhotometricAug.from_config(cfg),
             second_strong=terms_declare(cfg, "needs_second_strong"),
+            ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             **_geometry_from_config(cfg),
         )
 
@@ -223,8 +250,12 @@ class UnlabeledDatasetMapper:
         image = d2_utils.read_image(record["file_name"], format="RGB")
         h, w = image.shape[:2]
         valid = np.ones((h, w), dtype=np.uint8)
-        image, (valid,) = random_scale_crop_flip(
-            image, [(valid, 0)], self.scale_range, self.base_size, self.crop_size, self.flip,
+        masks = [(valid, 0)]
+        gt_file = record.get("diagnostic_sem_seg_file_name")  # SEMI.DIAGNOSTICS only: never read by a loss
+        if gt_file is not None:
+            masks.append((self._diagnostic_gt(record, gt_file, image.shape), self.ignore_label))
+        image, (valid, *gt) = random_scale_crop_flip(
+            image, masks, self.scale_range, self.base_size, self.crop_size, self.flip,
             self.scale_sampling,
         )
         weak = _image_tensor(image)
@@ -238,4 +269,14 @@ class UnlabeledDatasetMapper:
         }
         if self.second_strong:
             out["image_strong2"] = self.strong_aug(weak)
+        if gt:
+            out["diagnostic_sem_seg"] = torch.from_numpy(gt[0].astype(np.int64))
         return out
+
+    @staticmethod
+    def _diagnostic_gt(record: Dict, path: str, image_shape) -> np.ndarray:
+        label = load_sem_seg(path, record.get("diagnostic_sem_seg_dataset", record.get("dataset_name")))
+        if label.shape != tuple(image_shape[:2]):
+            raise ValueError(f"diagnostic ground truth {path} is {label.shape} but image {record['file_name']} is "
+                             f"{tuple(image_shape[:2])}")
+        return label

@@ -13,7 +13,12 @@ def unwrap_model(model):
 
 
 class EMAHook(HookBase):
-    """teacher <- m * teacher + (1 - m) * student after every step (``torch._foreach_*``; buffers copied).
+    """teacher <- m * teacher + (1 - m) * student after every step (``torch._foreach_*``).
+
+    ``average_buffers`` (``SEMI.EMA.AVERAGE_BUFFERS``, default True): the floating-point buffers (BN running
+    mean / var) are averaged with the same momentum, as UniMatch V2 does, so the eval-mode teacher normalises
+    with statistics of its own averaged weights; False copies the student's statistics (which belong to the
+    student's current weights, not the teacher's). Integer buffers are always copied.
 
     During the supervised burn-in (``SEMI.BURN_IN_ITERS``) the teacher is left alone; after the last
     burn-in step it becomes an exact copy of the student. The schedule's clock ``t = it - burn_in`` is
@@ -21,12 +26,18 @@ class EMAHook(HookBase):
     ``min(1 - 1/(t+1), m)`` and Alonso's cosine schedule both start when the teacher starts to be used.
     """
 
-    def __init__(self, momentum: float, schedule: str, burn_in_iters: int, max_iter: int):
+    def __init__(self, momentum: float, schedule: str, burn_in_iters: int, max_iter: int, average_buffers: bool = True):
         ema_momentum(schedule, momentum, 0, max(max_iter, 1))  # validates the schedule name now
+        self.average_buffers = bool(average_buffers)
         self.momentum = momentum
         self.schedule = schedule
         self.burn_in_iters = burn_in_iters
         self.max_iter = max_iter
+
+    @classmethod
+    def from_config(cls, cfg) -> "EMAHook":
+        s = cfg.SEMI
+        return cls(s.EMA.MOMENTUM, s.EMA.SCHEDULE, s.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER, s.EMA.AVERAGE_BUFFERS)
 
     def momentum_at(self, iteration: int):
         """Momentum applied after step ``iteration`` (None: no update during burn-in)."""
@@ -42,17 +53,16 @@ class EMAHook(HookBase):
         if m is None:
             return
         model = unwrap_model(self.trainer.model)
-        ema_update_(model.teacher, model.student, m)
+        ema_update_(model.teacher, model.student, m, ema_buffers=self.average_buffers)
         average_float_buffers_(model.teacher)  # DDP + plain BN: one teacher normalisation on every rank
         self.trainer.storage.put_scalar("ema_momentum", m, smoothing_hint=False)
 
 
 def build_ema_hook(cfg):
     """The ``EMAHook`` of ``cfg.SEMI.EMA``; None with ``SEMI.TEACHER_MODE "student"`` (no teacher to update)."""
-    s = cfg.SEMI
-    if s.TEACHER_MODE == "student":
+    if cfg.SEMI.TEACHER_MODE == "student":
         return None
-    return EMAHook(s.EMA.MOMENTUM, s.EMA.SCHEDULE, s.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER)
+    return EMAHook.from_config(cfg)
 
 
 class TrainingVisHook(HookBase):

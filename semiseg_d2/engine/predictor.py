@@ -9,12 +9,12 @@ import logging
 import os
 from typing import Dict, Optional, Tuple
 
-import detectron2.data.transforms as T
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from ..config import check_semiseg_config
+from ..data.mapper import test_resize_from_config
 from .checkpoint import SemiSegCheckpointer
 
 __all__ = ["NETWORKS", "network_state_dict", "check_weights_file", "SegmentorCheckpointer", "SemiSegPredictor"]
@@ -120,7 +120,7 @@ class SemiSegPredictor(DefaultPredictor):
         checkpointer.load(weights, strict=True)
         self.network = checkpointer.loaded_network
         logger.info("loaded the %s weights of %s", self.network, weights)
-        self.aug = T.ResizeShortestEdge([self.cfg.INPUT.MIN_SIZE_TEST] * 2, self.cfg.INPUT.MAX_SIZE_TEST)
+        self.aug = test_resize_from_config(self.cfg)  # the evaluation loader's resize too
         self.input_format = self.cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR', got {self.input_format!r}")

@@ -24,16 +24,18 @@ leaves a small detached CPU copy of the first images of each part in ``vis_recor
 anything beyond the optimizer step.
 """
 from contextlib import contextmanager, nullcontext
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from ...config import check_semiseg_config, check_teacher_mode
 from ...data.transforms import classmix_masks, cutmix_masks, mix, shifted_partner_index
+from ...evaluation.pseudo_label_diagnostics import PseudoLabelDiagnostics
 from ...evaluation.visualize import denormalize
 from ...losses.pseudo_label import softmax_entropy
 from ...losses.registry import build_loss_terms
@@ -85,6 +87,17 @@ def split_outputs(outputs: Dict[str, torch.Tensor], sizes: Sequence[int]) -> Lis
     return parts
 
 
+def _diagnostics_from_config(cfg) -> Optional[PseudoLabelDiagnostics]:
+    if not cfg.SEMI.DIAGNOSTICS.ENABLED:
+        return None
+    names = list(cfg.DATASETS.TRAIN_UNLABELED) or list(cfg.SEMI.DIAGNOSTICS.GT_DATASETS)
+    if not names:
+        raise ValueError("SEMI.DIAGNOSTICS.ENABLED: DATASETS.TRAIN_UNLABELED is empty (the class names come from it)")
+    return PseudoLabelDiagnostics(
+        MetadataCatalog.get(names[0]).stuff_classes, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE, cfg.SEMI.DIAGNOSTICS.WINDOW
+    )
+
+
 @META_ARCH_REGISTRY.register()
 class SemiSegmentor(TeacherStudent):
     """Student + EMA teacher + loss terms. Inference runs ``eval_network`` ("student" or "teacher")."""
@@ -105,6 +118,7 @@ class SemiSegmentor(TeacherStudent):
         teacher_autocast: bool = False,
         teacher_train_mode: bool = False,
         teacher_mode: str = "ema",
+        diagnostics: Optional[PseudoLabelDiagnostics] = None,
     ):
         if mix_type not in _MIX_TYPES:
             raise ValueError(f"SEMI.MIX.TYPE: unknown '{mix_type}'; known: {', '.join(_MIX_TYPES)}")
@@ -123,6 +137,7 @@ class SemiSegmentor(TeacherStudent):
         self.teacher_labeled = any(t.needs_teacher_labeled for t in terms.values())
         self.teacher_autocast = teacher_autocast
         self.teacher_train_mode = teacher_train_mode
+        self.diagnostics = diagnostics  # SEMI.DIAGNOSTICS: pseudo-label quality against unread ground truth
         self.keep_vis = 0  # images per part to copy into vis_record on this step (set by TrainingVisHook)
         self.vis_record = None  # detached CPU copy for the pictures, taken by TrainingVisHook
 
@@ -144,6 +159,7 @@ class SemiSegmentor(TeacherStudent):
             teacher_autocast=cfg.SEMI.TEACHER_AUTOCAST,
             teacher_train_mode=cfg.SEMI.TEACHER_TRAIN_MODE,
             teacher_mode=cfg.SEMI.TEACHER_MODE,
+            diagnostics=_diagnostics_from_config(cfg),
         )
 
     @property
@@ -165,6 +181,8 @@ class SemiSegmentor(TeacherStudent):
         labeled, unlabeled = batched_inputs
         step = self.compute_step(labeled, unlabeled)
         losses = self.run_terms(step)
+        if self.diagnostics is not None and not step.burn_in:
+            step.metrics.update(self.diagnostics(step, self.diagnostics.ground_truth(unlabeled, step, self.device)))
         if self.keep_vis > 0:
             self.vis_record = self.vis_summary(step, self.keep_vis)
         return losses
