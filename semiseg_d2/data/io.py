@@ -18,7 +18,7 @@ import numpy as np
 
 from detectron2.data import detection_utils as d2_utils
 
-__all__ = ["UnreadableFileError", "decode_errors", "read_image", "find_unreadable"]
+__all__ = ["UnreadableFileError", "decode_errors", "read_image", "find_unreadable", "default_num_workers"]
 logger = logging.getLogger(__name__)
 
 
@@ -40,6 +40,8 @@ def decode_errors(kind: str, path: str, dataset: Optional[str] = None) -> Iterat
         raise
     except Exception as e:  # noqa: BLE001  PIL raises OSError, UnidentifiedImageError, SyntaxError, ValueError, ...
         reason = str(e) or type(e).__name__
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            reason = "empty file (0 bytes)"
         raise UnreadableFileError(f"{_where(kind, path, dataset)}: {reason}") from e
 
 
