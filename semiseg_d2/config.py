@@ -89,8 +89,9 @@ class Range:
         lo, hi = self._bound(self.lo, cfg), self._bound(self.hi, cfg)
         bad = lo - 1 if lo is not None else hi + 1
         if isinstance(value, (list, tuple)):
-            return type(value)([bad] + list(value[1:])) if value else type(value)([bad])
-        return type(value)(bad) if isinstance(value, int) and float(bad).is_integer() else bad
+            first = type(value[0])(bad) if value else bad
+            return type(value)([first] + list(value[1:]))
+        return type(value)(bad)
 
 
 class OneOf:
@@ -118,7 +119,7 @@ UNIT_OPEN = Range(0, 1, hi_open=True)  # momenta and dropout rates (1 would free
 PERCENT = Range(0, 100)
 ITERATION = Range(0, "SOLVER.MAX_ITER")  # an iteration of the run
 
-SCHEMA: Dict[str, Check] = {}  # dotted key -> its check, filled by declare()
+SCHEMA: Dict[str, Check] = {}  # dotted key -> its check, filled by declare() (add_semiseg_config and projects)
 
 
 def lookup(cfg: CN, key: str):
