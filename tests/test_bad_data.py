@@ -268,3 +268,84 @@ def test_register_folder_check_decode_lists_every_unreadable_file(tmp_path, caps
         assert "decode" in captured.err and "70/70" in captured.err  # the progress bar
     finally:
         unregister(names)
+
+
+# ---------------------------------------------------------------------------------------------- crash and resume
+def _train(cfg, resume=False):
+    """An in-process SemiSegTrainer run (the model initialised from the SEED as tools/train_net.py does)."""
+    from detectron2.utils.env import seed_all_rng
+
+    from semiseg_d2.engine.trainer import SemiSegTrainer
+
+    seed_all_rng(cfg.SEED)
+    trainer = SemiSegTrainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    return trainer
+
+
+def _run_cfg(out_dir, workers=0, **extra):
+    return _cfg(workers, **{"SOLVER.MAX_ITER": 6, "SOLVER.CHECKPOINT_PERIOD": 2, "TEST.EVAL_PERIOD": 0,
+                            "DATASETS.TEST": (), "OUTPUT_DIR": str(out_dir), **extra})
+
+
+def _assert_same_weights(a_dir, b_dir):
+    a, b = (torch.load(os.path.join(d, "model_final.pth"), map_location="cpu", weights_only=True)["model"]
+            for d in (a_dir, b_dir))
+    assert a.keys() == b.keys() and any(k.startswith("teacher.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_crash_on_a_bad_file_after_a_checkpoint_resumes_exactly(folders, tmp_path):
+    """A corrupt unlabeled file first met at iteration 2 (after the checkpoint of iteration 1) stops the run (the
+    error raised in a loader worker) naming it; the checkpoint is intact, and once the file is repaired --resume
+    ends with exactly the weights of an uninterrupted run."""
+    root, sets = folders
+    _register(root)
+    ref_cfg = _run_cfg(tmp_path / "ref")
+    stream = build_semi_train_loader(ref_cfg).streams[-1]
+    met = [[stream.record(stream.position(b, j))["file_name"] for j in range(stream.batch_size)] for b in range(3)]
+    bad = met[2][0]
+    assert bad not in met[0] + met[1]  # first met at iteration 2
+    _train(ref_cfg).train()
+
+    good = open(bad, "rb").read()
+    damage_image(bad, "truncated")
+    run_dir = tmp_path / "run"
+    crashed = _train(_run_cfg(run_dir, workers=2))
+    with pytest.raises(UnreadableFileError, match=f"unreadable image '{bad}' of dataset 'bd_unl': image file is trunc"):
+        crashed.train()
+    assert crashed.iter == 2
+    assert (run_dir / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert not (run_dir / "model_final.pth").exists()
+
+    with open(bad, "wb") as f:
+        f.write(good)
+    resumed = _train(_run_cfg(run_dir), resume=True)
+    assert resumed.start_iter == 2
+    resumed.train()
+    _assert_same_weights(tmp_path / "ref", run_dir)
+
+
+def test_skipped_files_are_counted_checkpointed_and_resume_stays_exact(folders, tmp_path):
+    root, sets = folders
+    bad = str(root / "unlabeled" / (sets["bd_unl"][3] + ".jpg"))
+    damage_image(bad, "text")
+    _register(root)
+    skip = {"DATALOADER.UNREADABLE_UNLABELED": "skip", "DATALOADER.MAX_UNREADABLE": 0.2}
+    full = _train(_run_cfg(tmp_path / "full", **skip))
+    full.train()
+    counts = [v for v, _ in full.storage.history("data/unreadable").values()]
+    assert len(counts) == 6 and counts[-1] == 1 and set(counts) <= {0, 1}
+    ckpt = torch.load(tmp_path / "full" / "model_0000003.pth", map_location="cpu", weights_only=True)
+    assert list(ckpt["trainer"]["_trainer"]["unreadable"]) == [bad]
+
+    # "interrupted" after the checkpoint of iteration 3: resume from it in a fresh output folder
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "model_0000003.pth").write_bytes((tmp_path / "full" / "model_0000003.pth").read_bytes())
+    (run_dir / "last_checkpoint").write_text("model_0000003.pth")
+    resumed = _train(_run_cfg(run_dir, workers=2, **skip), resume=True)
+    assert resumed.start_iter == 4 and list(resumed.data_loader.unreadable) == [bad]
+    resumed.train()
+    _assert_same_weights(tmp_path / "full", run_dir)
