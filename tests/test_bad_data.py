@@ -349,3 +349,23 @@ def test_skipped_files_are_counted_checkpointed_and_resume_stays_exact(folders, 
     assert resumed.start_iter == 4 and list(resumed.data_loader.unreadable) == [bad]
     resumed.train()
     _assert_same_weights(tmp_path / "full", run_dir)
+
+
+@pytest.mark.parametrize("how", MASK_DAMAGE)
+def test_bad_test_mask_met_in_evaluation_names_file_and_dataset(folders, how):
+    """CHECK_MASKS off: the evaluator meets the test set's bad mask and names it and the dataset."""
+    from semiseg_d2.evaluation import build_sem_seg_evaluator
+
+    root, sets = folders
+    bad = str(root / "val_masks" / (sets["bd_val"][0] + ".png"))
+    image = str(root / "val" / (sets["bd_val"][0] + ".jpg"))
+    damage_mask(bad, how)
+    _register(root, check_masks=False)
+    evaluator = build_sem_seg_evaluator(_cfg(0), "bd_val", distributed=False)
+    evaluator.reset()
+    with pytest.raises(ValueError) as e:
+        evaluator.process([{"file_name": image}], [{"sem_seg": torch.zeros(11, 72, 96)}])  # the image's 96x72 size
+    if how == "mode":
+        assert f"label file {bad} of dataset 'bd_val': expected a single-channel PNG (mode L/P), got mode RGB" in str(e.value)
+    else:
+        assert f"label {bad} is 96x64 (WxH) but image {image} is 96x72 (dataset 'bd_val')" in str(e.value)
