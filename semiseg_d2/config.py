@@ -4,13 +4,180 @@ Nothing in the package reads a key that is not declared here. Sections:
   MODEL.*            backbone/head/segmentor options (on top of detectron2.projects.deeplab's keys)
   INPUT.*            train-time geometry and the strong (photometric) augmentation of unlabeled views
   DATASETS.*         labeled / unlabeled training sets, several labeled sources with ratios
+  DATALOADER.*       what an unreadable unlabeled image does (error / skip)
   SOLVER.*           LR multipliers, bf16 autocast, unlabeled batch size
   TEST.*             sliding-window and multi-scale/flip inference, evaluating student and teacher
   SEMI.*             the semi-supervised engine: loss terms, EMA teacher, burn-in, mixing
   SEMI.<TERM>.*      one sub-node per loss term (weight + its own options)
+
+Allowed values (the schema): a key whose values are limited is declared with :func:`declare` instead of a plain
+assignment, with its check beside its default, e.g.
+
+    declare(cfg, "SEMI.DGCL.TEMPERATURE", 0.5, POSITIVE)  # InfoNCE temperature
+    declare(cfg, "SEMI.DGCL.MIN_FILL", 10000, Range(0, "SEMI.DGCL.MEMORY_SIZE"))  # a bound may name another key
+    declare(cfg, "SEMI.PSEUDO_LABEL.START_ITER", 0, ITERATION)  # = Range(0, "SOLVER.MAX_ITER")
+    declare(cfg, "DATALOADER.UNREADABLE_UNLABELED", "error", OneOf("error", "skip"))
+
+:func:`check_semiseg_config` (called at start-up by the trainers, models and predictor) checks every declared key
+and raises one ValueError naming each key, its value and the allowed range. Lists are checked element by element
+(``Range(..., length=2, ordered=True)`` for a ``[lo, hi]`` pair). Keys of a loss term's node ``SEMI.<TERM>`` (a
+name of SEMI_LOSS_REGISTRY, upper-cased) are checked only when the term is in ``SEMI.LOSSES``: a term that does
+not run reads none of its keys. New keys (here, or in a project's ``add_*_config``) use the same call; the constants
+below cover most keys, ``Range(lo, hi, lo_open=..., hi_open=...)`` the rest. tests/test_config_ranges.py walks every
+declared key with a value outside its range.
 """
+import math
+from typing import Dict, List, Optional, Sequence, Union
+
 from detectron2.config import CfgNode as CN
 from detectron2.projects.deeplab import add_deeplab_config
+
+Bound = Union[None, int, float, str]  # a number, the dotted name of another key, or None (unbounded)
+
+
+class Range:
+    """Allowed numeric values ``lo <= v <= hi`` (``<`` with ``lo_open`` / ``hi_open``); a bound is a number or the
+    dotted name of another key of the same config. List values are checked element-wise, with an optional
+    ``length`` and ``ordered`` (non-decreasing: a ``[min, max]`` pair)."""
+
+    def __init__(self, lo: Bound = None, hi: Bound = None, *, lo_open: bool = False, hi_open: bool = False,
+                 length: Optional[int] = None, ordered: bool = False):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        self.length, self.ordered = length, ordered
+
+    @staticmethod
+    def _bound(bound: Bound, cfg: CN):
+        return lookup(cfg, bound) if isinstance(bound, str) else bound
+
+    def describe(self, cfg: CN) -> str:
+        """The allowed range as text, e.g. ``(0, inf)``, ``[0, 1]``, ``[0, SOLVER.MAX_ITER = 100]``."""
+        def text(bound, default):
+            if bound is None:
+                return default
+            return f"{bound} = {lookup(cfg, bound)}" if isinstance(bound, str) else f"{bound}"
+
+        lo = ("(" if self.lo_open or self.lo is None else "[") + text(self.lo, "-inf")
+        hi = text(self.hi, "inf") + (")" if self.hi_open or self.hi is None else "]")
+        length = f", {self.length} values" if self.length is not None else ""
+        return f"{lo}, {hi}{length}" + (", non-decreasing" if self.ordered else "")
+
+    def _contains(self, v, cfg: CN) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            return False
+        lo, hi = self._bound(self.lo, cfg), self._bound(self.hi, cfg)
+        if lo is not None and (v < lo or (self.lo_open and v == lo)):
+            return False
+        return hi is None or (v < hi or (not self.hi_open and v == hi))
+
+    def problem(self, value, cfg: CN) -> Optional[str]:
+        """Why ``value`` is not allowed (None when it is)."""
+        if isinstance(value, (list, tuple)):
+            if self.length is not None and len(value) != self.length:
+                return f"{len(value)} value(s) where {self.length} are needed"
+            bad = [i for i, v in enumerate(value) if not self._contains(v, cfg)]
+            if bad:
+                return f"element {bad[0]} ({value[bad[0]]!r}) out of range"
+            if self.ordered and any(a > b for a, b in zip(value, value[1:])):
+                return "not in non-decreasing order"
+            return None
+        if self.length is not None:
+            return f"a single value where {self.length} are needed"
+        return None if self._contains(value, cfg) else "out of range"
+
+    def outside(self, cfg: CN, value):
+        """A value of the shape of ``value`` that this range refuses (for the schema walk of the tests)."""
+        lo, hi = self._bound(self.lo, cfg), self._bound(self.hi, cfg)
+        bad = lo - 1 if lo is not None else hi + 1
+        if isinstance(value, (list, tuple)):
+            first = type(value[0])(bad) if value else bad
+            return type(value)([first] + list(value[1:]))
+        return type(value)(bad)
+
+
+class OneOf:
+    """Allowed values: one of ``choices``."""
+
+    def __init__(self, *choices):
+        self.choices = choices
+
+    def describe(self, cfg: CN) -> str:
+        return "one of " + ", ".join(repr(c) for c in self.choices)
+
+    def problem(self, value, cfg: CN) -> Optional[str]:
+        return None if value in self.choices else "unknown value"
+
+    def outside(self, cfg: CN, value):
+        return "_not_" + "_".join(str(c) for c in self.choices) if isinstance(value, str) else max(self.choices) + 1
+
+
+Check = Union[Range, OneOf]
+POSITIVE = Range(0, lo_open=True)  # temperatures, learning rates, sizes in units
+NON_NEGATIVE = Range(0)  # loss weights (0 turns a part off), optional counts (0 = off / implied)
+AT_LEAST_1 = Range(1)  # sizes and counts
+UNIT = Range(0, 1)  # probabilities, confidence thresholds, fractions
+UNIT_OPEN = Range(0, 1, hi_open=True)  # momenta and dropout rates (1 would freeze / drop everything)
+PERCENT = Range(0, 100)
+ITERATION = Range(0, "SOLVER.MAX_ITER")  # an iteration of the run
+
+SCHEMA: Dict[str, Check] = {}  # dotted key -> its check, filled by declare() (add_semiseg_config and projects)
+
+
+def lookup(cfg: CN, key: str):
+    """The value of the dotted ``key`` of ``cfg``."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def declare(cfg: CN, key: str, default, check: Check) -> None:
+    """Set the dotted ``key`` (its parent node must exist) to ``default`` and record ``check`` in :data:`SCHEMA`.
+    A default outside its own range is a programming error (checked when the bounds are numbers)."""
+    *path, last = key.split(".")
+    (lookup(cfg, ".".join(path)) if path else cfg)[last] = default
+    if not _names_keys(check) and check.problem(default, cfg) is not None:
+        raise ValueError(f"declare: the default {default!r} of {key} is not in {check.describe(cfg)}")
+    SCHEMA[key] = check
+
+
+def _names_keys(check: Check) -> bool:
+    return any(isinstance(getattr(check, b, None), str) for b in ("lo", "hi"))
+
+
+def _inactive_term(cfg: CN, key: str, term_names: Sequence[str]) -> bool:
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] != "SEMI":
+        return False
+    term = parts[1].lower()
+    return term in term_names and term not in [str(t).lower() for t in cfg.SEMI.LOSSES]
+
+
+def range_errors(cfg: CN, keys: Optional[Sequence[str]] = None) -> List[str]:
+    """One line per declared key (or of ``keys``) of ``cfg`` whose value its check refuses; keys of a loss
+    term that ``SEMI.LOSSES`` does not list are skipped."""
+    from .losses.registry import SEMI_LOSS_REGISTRY  # noqa: PLC0415  the registry imports modules that import this one
+
+    term_names = [name.lower() for name, _ in SEMI_LOSS_REGISTRY]
+    errors = []
+    for key in keys if keys is not None else SCHEMA:
+        try:
+            value = lookup(cfg, key)
+        except KeyError:
+            continue  # declared by a project whose keys this config does not have
+        if _inactive_term(cfg, key, term_names):
+            continue
+        check = SCHEMA[key]
+        problem = check.problem(value, cfg)
+        if problem is not None:
+            errors.append(f"{key} = {value!r}: {problem}; allowed: {check.describe(cfg)}")
+    return errors
+
+
+def check_ranges(cfg: CN, keys: Optional[Sequence[str]] = None) -> None:
+    """Raise ValueError listing every declared key (or every one of ``keys``) whose value is not allowed."""
+    errors = range_errors(cfg, keys)
+    if errors:
+        raise ValueError("config value(s) out of range:\n  " + "\n  ".join(errors))
 
 # Marker that add_semiseg_config() ran; tools check it to give a clear error for plain detectron2 configs.
 _MARKER = "SEMISEG_CONFIG_VERSION"
@@ -28,7 +195,7 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.MODEL.BACKBONE.NAME = "build_semiseg_resnet_backbone"  # OUTPUT_STRIDE-aware DeepLab ResNet (modeling/backbone)
     # RGB, 0..255 (INPUT.FORMAT "RGB"): ImageNet statistics of torchvision/timm weights (tools/convert_pretrained.py)
     cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
-    cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+    declare(cfg, "MODEL.PIXEL_STD", [58.395, 57.12, 57.375], Range(0, lo_open=True, length=3))
     cfg.MODEL.BACKBONE.FREEZE_AT = 0  # segmentation fine-tunes every stage (detectron2 default 2 freezes stem+res2)
     cfg.MODEL.RESNETS.DEPTH = 101
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res4", "res5"]  # res2: low-level, res4: aux head, res5: ASPP
@@ -38,83 +205,94 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.MODEL.RESNETS.NORM = "BN"  # "BN" or "SyncBN" (SyncBN needs a process group; BN on CPU)
     # Output stride of the backbone: 8 (res4 dilation 2, res5 dilation 4) or 16 (res5 dilation 2).
     # Sets RESNETS.RES4_DILATION / RES5_DILATION when the model is built (see modeling/backbone).
-    cfg.MODEL.RESNETS.OUTPUT_STRIDE = 16
+    declare(cfg, "MODEL.RESNETS.OUTPUT_STRIDE", 16, OneOf(8, 16))
     cfg.MODEL.FREEZE_BN = False  # keep backbone BN in eval mode (small-batch fine-tuning)
     cfg.MODEL.CHANNELS_LAST = False  # run convolutions in channels_last memory format (GPU speed)
     cfg.MODEL.DEVICE = "cpu"  # detectron2 default is "cuda"; GPU configs set "cuda"
 
     # DINOv2 ViT backbone (MODEL.BACKBONE.NAME "D2DinoV2", modeling/backbone/dinov2.py; README "Foundation encoders")
     cfg.MODEL.DINOV2 = CN()
-    cfg.MODEL.DINOV2.SIZE = "base"  # "small" (ViT-S/14), "base" (ViT-B/14), "large" (ViT-L/14)
+    # "small" (ViT-S/14), "base" (ViT-B/14), "large" (ViT-L/14)
+    declare(cfg, "MODEL.DINOV2.SIZE", "base", OneOf("small", "base", "large"))
     cfg.MODEL.DINOV2.REGISTERS = False  # the 4-register variants (dinov2_vit*14_reg4)
     # Blocks whose normed patch tokens feed the head as layer1..layer4; [] = UniMatch V2's (S/B: 2,5,8,11; L: 4,11,17,23)
     cfg.MODEL.DINOV2.OUT_INDICES = []
     cfg.MODEL.DINOV2.GRAD_CHECKPOINT = False  # recompute every block in backward (activation memory of one block)
     cfg.MODEL.DINOV2.FREEZE = False  # no gradient for the encoder (UniMatch V2's lock_backbone)
-    cfg.MODEL.DINOV2.DROP_PATH_RATE = 0.0  # stochastic depth while fine-tuning (UniMatch V2: 0)
+    declare(cfg, "MODEL.DINOV2.DROP_PATH_RATE", 0.0, UNIT_OPEN)  # stochastic depth while fine-tuning (UniMatch V2: 0)
     # Position-embedding resampling to the input grid as the official code: bicubic, scale (grid + offset) / 37.
     # Official hub: 0.1 / no antialias for the plain models (UniMatch V2), 0.0 / antialias for the _reg4 ones.
-    cfg.MODEL.DINOV2.INTERPOLATE_OFFSET = 0.1
+    declare(cfg, "MODEL.DINOV2.INTERPOLATE_OFFSET", 0.1, NON_NEGATIVE)
     cfg.MODEL.DINOV2.INTERPOLATE_ANTIALIAS = False
     # Download timm's copy of the official weights (vit_*_patch14[_reg4]_dinov2.lvd142m; needs internet). Without
     # internet, point MODEL.WEIGHTS at the official dinov2_vit*14[_reg4]_pretrain.pth (converted on load).
     cfg.MODEL.DINOV2.TIMM_PRETRAINED = False
     # Architecture overrides for tests and experiments; 0 = the size's own (S: 384/12/6, B: 768/12/12, L: 1024/24/16)
-    cfg.MODEL.DINOV2.EMBED_DIM = 0
-    cfg.MODEL.DINOV2.DEPTH = 0
-    cfg.MODEL.DINOV2.NUM_HEADS = 0
+    declare(cfg, "MODEL.DINOV2.EMBED_DIM", 0, NON_NEGATIVE)
+    declare(cfg, "MODEL.DINOV2.DEPTH", 0, NON_NEGATIVE)
+    declare(cfg, "MODEL.DINOV2.NUM_HEADS", 0, NON_NEGATIVE)
 
     # "DeepLabV3PlusFeatHead" (detectron2 / Alonso shape), "U2PLDeepLabV3PlusHead" (U2PL / DGCL / DDFP decoder),
     # "DeepLabV2Head", or "DPTHead" (ViT encoders)
     cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV3PlusFeatHead"
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res5"]  # low-level + ASPP input (v2 uses only the last)
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 19
-    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
-    cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS = [6, 12, 18]  # v3+: 3 atrous branches + image pooling
-    cfg.MODEL.SEM_SEG_HEAD.V2_DILATIONS = [6, 12, 18, 24]  # DeepLabv2: 4 branches, outputs summed
-    cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 256
-    cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.1  # after the ASPP (U2PL head: Dropout2d after its 3x3 "head" conv)
-    cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS = [48]  # low-level projection width (res2 -> 48)
-    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256  # decoder width = dimension of the feature the methods use
-    cfg.MODEL.SEM_SEG_HEAD.DECODER_DROPOUT = 0.1  # before the 1x1 classifier (U2PL head: after each 3x3 decoder block)
+    declare(cfg, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 19, AT_LEAST_1)
+    declare(cfg, "MODEL.SEM_SEG_HEAD.IGNORE_VALUE", 255, Range(0, 255))
+    declare(cfg, "MODEL.SEM_SEG_HEAD.ASPP_DILATIONS", [6, 12, 18], AT_LEAST_1)  # v3+: 3 atrous branches + image pooling
+    # DeepLabv2: 4 branches, outputs summed
+    declare(cfg, "MODEL.SEM_SEG_HEAD.V2_DILATIONS", [6, 12, 18, 24], AT_LEAST_1)
+    declare(cfg, "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", 256, AT_LEAST_1)
+    # after the ASPP (U2PL head: Dropout2d after its 3x3 "head" conv)
+    declare(cfg, "MODEL.SEM_SEG_HEAD.ASPP_DROPOUT", 0.1, UNIT_OPEN)
+    declare(cfg, "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS", [48], AT_LEAST_1)  # low-level projection width (res2 -> 48)
+    # decoder width = dimension of the feature the methods use
+    declare(cfg, "MODEL.SEM_SEG_HEAD.CONVS_DIM", 256, AT_LEAST_1)
+    # dropout before the 1x1 classifier (U2PL head: after each 3x3 decoder block)
+    declare(cfg, "MODEL.SEM_SEG_HEAD.DECODER_DROPOUT", 0.1, UNIT_OPEN)
     cfg.MODEL.SEM_SEG_HEAD.NORM = "BN"
     # Loss on labeled pixels: "cross_entropy" or "ohem" (online hard example mining).
     cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"
-    cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT = 1.0
-    cfg.MODEL.SEM_SEG_HEAD.OHEM_THRESH = 0.7  # keep pixels whose GT-class probability is below this ...
-    cfg.MODEL.SEM_SEG_HEAD.OHEM_MIN_KEPT = 100000  # ... but at least this many pixels per batch
+    declare(cfg, "MODEL.SEM_SEG_HEAD.LOSS_WEIGHT", 1.0, NON_NEGATIVE)
+    # keep pixels whose GT-class probability is below this ...
+    declare(cfg, "MODEL.SEM_SEG_HEAD.OHEM_THRESH", 0.7, UNIT)
+    # ... but at least this many pixels per batch
+    declare(cfg, "MODEL.SEM_SEG_HEAD.OHEM_MIN_KEPT", 100000, NON_NEGATIVE)
     # Auxiliary FCN head on res4 (PSPNet/DGCL style); 0 disables it (and it is not built).
-    cfg.MODEL.SEM_SEG_HEAD.AUX_LOSS_WEIGHT = 0.0
+    declare(cfg, "MODEL.SEM_SEG_HEAD.AUX_LOSS_WEIGHT", 0.0, NON_NEGATIVE)
     cfg.MODEL.SEM_SEG_HEAD.AUX_IN_FEATURE = "res4"
-    cfg.MODEL.SEM_SEG_HEAD.AUX_CHANNELS = 256
+    declare(cfg, "MODEL.SEM_SEG_HEAD.AUX_CHANNELS", 256, AT_LEAST_1)
 
     # ------------------------------------------------------------------ INPUT
     cfg.INPUT.FORMAT = "RGB"
-    cfg.INPUT.SCALE_RANGE = [0.5, 2.0]  # random resize factor of the original image (train)
+    # random resize factor of the original image (train)
+    declare(cfg, "INPUT.SCALE_RANGE", [0.5, 2.0], Range(0, lo_open=True, length=2, ordered=True))
     # how the factor is drawn (data/mapper.sample_scale): "uniform" U(lo, hi), or "u2pl" (U2PL/DGCL RandResize:
     # U(lo, 1) or U(1, hi) with probability 1/2 each)
-    cfg.INPUT.SCALE_SAMPLING = "uniform"
-    cfg.INPUT.BASE_SIZE = 0  # if > 0, the long side is first resized to this before SCALE_RANGE (VOC: 0)
+    declare(cfg, "INPUT.SCALE_SAMPLING", "uniform", OneOf("uniform", "u2pl"))
+    # if > 0, the long side is first resized to this before SCALE_RANGE (VOC: 0)
+    declare(cfg, "INPUT.BASE_SIZE", 0, NON_NEGATIVE)
     cfg.INPUT.CROP.ENABLED = True
     cfg.INPUT.CROP.TYPE = "absolute"
-    cfg.INPUT.CROP.SIZE = (512, 512)  # (h, w); images smaller than this are padded (labels with ignore)
+    # (h, w); images smaller than this are padded (labels with ignore); detectron2 crop types "relative*" take fractions
+    declare(cfg, "INPUT.CROP.SIZE", (512, 512), Range(0, lo_open=True, length=2))
     cfg.INPUT.RANDOM_FLIP = "horizontal"
     # DefaultPredictor and the evaluation loader both resize by MIN_SIZE_TEST / MAX_SIZE_TEST (detectron2 default
     # 800) before the model, which upsamples its prediction to the original size; 0 is the no-op: native size
     # (TEST.SLIDING_WINDOW / TEST.AUG do the rest).
-    cfg.INPUT.MIN_SIZE_TEST = 0
+    declare(cfg, "INPUT.MIN_SIZE_TEST", 0, NON_NEGATIVE)
     # Strong view of unlabeled images (UniMatch defaults): photometric only, same geometry as the weak view.
     cfg.INPUT.STRONG = CN()
-    cfg.INPUT.STRONG.COLOR_JITTER_PROB = 0.8
-    cfg.INPUT.STRONG.COLOR_JITTER = [0.5, 0.5, 0.5, 0.25]  # brightness, contrast, saturation, hue
-    cfg.INPUT.STRONG.GRAYSCALE_PROB = 0.2
-    cfg.INPUT.STRONG.BLUR_PROB = 0.5
-    cfg.INPUT.STRONG.BLUR_SIGMA = [0.1, 2.0]
+    declare(cfg, "INPUT.STRONG.COLOR_JITTER_PROB", 0.8, UNIT)
+    # brightness, contrast, saturation, hue
+    declare(cfg, "INPUT.STRONG.COLOR_JITTER", [0.5, 0.5, 0.5, 0.25], Range(0, length=4))
+    declare(cfg, "INPUT.STRONG.GRAYSCALE_PROB", 0.2, UNIT)
+    declare(cfg, "INPUT.STRONG.BLUR_PROB", 0.5, UNIT)
+    declare(cfg, "INPUT.STRONG.BLUR_SIGMA", [0.1, 2.0], Range(0, lo_open=True, length=2, ordered=True))
 
     # ------------------------------------------------------------------ DATASETS
     cfg.DATASETS.TRAIN_LABELED = ()  # semi-supervised: labeled training sets
     # One sampling weight per TRAIN_LABELED entry (e.g. GTA5 + Cityscapes subset); empty = concatenate.
-    cfg.DATASETS.TRAIN_LABELED_RATIOS = []
+    declare(cfg, "DATASETS.TRAIN_LABELED_RATIOS", [], NON_NEGATIVE)
     cfg.DATASETS.TRAIN_UNLABELED = ()  # semi-supervised: unlabeled training sets (labels never read)
     # Your own data, no code (data/datasets/register_folder.py, docs/datasets.md "Your own data"): one child per
     # dataset, registered under its key by tools/train_net.py; children take exactly these keys:
@@ -130,30 +308,41 @@ def add_semiseg_config(cfg: CN) -> CN:
     # Relative paths are relative to the working directory (like OUTPUT_DIR); ~ and $VARS are expanded.
     cfg.DATASETS.FOLDERS = CN(new_allowed=True)
 
+    # ------------------------------------------------------------------ DATALOADER
+    # An unlabeled image that cannot be decoded: "error" stops the run naming file and dataset; "skip" replaces it
+    # by another sample of the same stream (deterministic: resume stays exact), logs each file once and counts them
+    # in the metric data/unreadable (data/stream.py). Labeled and test images are never skipped.
+    declare(cfg, "DATALOADER.UNREADABLE_UNLABELED", "error", OneOf("error", "skip"))
+    # with "skip": stop once more than this fraction of the unlabeled images turned out unreadable (the error names them)
+    declare(cfg, "DATALOADER.MAX_UNREADABLE", 0.01, UNIT)
+
     # ------------------------------------------------------------------ SOLVER
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"
-    cfg.SOLVER.POLY_LR_POWER = 0.9
+    declare(cfg, "SOLVER.POLY_LR_POWER", 0.9, NON_NEGATIVE)
     # "SGD" (momentum SOLVER.MOMENTUM, DeepLab recipes) or "AdamW" (betas below; UniMatch V2: lr 5e-6, head x40,
     # weight decay 0.01 on every parameter: WEIGHT_DECAY = WEIGHT_DECAY_NORM = 0.01)
-    cfg.SOLVER.OPTIMIZER = "SGD"
-    cfg.SOLVER.ADAMW_BETAS = [0.9, 0.999]
-    cfg.SOLVER.BACKBONE_LR_MULTIPLIER = 1.0  # lr of backbone params = BASE_LR * this
-    cfg.SOLVER.HEAD_LR_MULTIPLIER = 10.0  # lr of every non-backbone param (heads, projectors) = BASE_LR * this
-    cfg.SOLVER.IMS_PER_BATCH_UNLABELED = 2  # global unlabeled batch (SOLVER.IMS_PER_BATCH is the labeled one)
+    declare(cfg, "SOLVER.OPTIMIZER", "SGD", OneOf("SGD", "AdamW"))
+    declare(cfg, "SOLVER.ADAMW_BETAS", [0.9, 0.999], UNIT_OPEN)
+    declare(cfg, "SOLVER.BACKBONE_LR_MULTIPLIER", 1.0, NON_NEGATIVE)  # lr of backbone params = BASE_LR * this
+    # lr of every non-backbone param (heads, projectors) = BASE_LR * this
+    declare(cfg, "SOLVER.HEAD_LR_MULTIPLIER", 10.0, NON_NEGATIVE)
+    # global unlabeled batch (SOLVER.IMS_PER_BATCH is the labeled one)
+    declare(cfg, "SOLVER.IMS_PER_BATCH_UNLABELED", 2, AT_LEAST_1)
     # SOLVER.REFERENCE_WORLD_SIZE (detectron2's): the GPU count a recipe was written for. Recipes given in epochs
     # (DGCL, DDFP) state MAX_ITER / BURN_IN_ITERS / *START_ITER at that world size W, counting an epoch as the
     # official loaders do (DistributedSampler pads the N_u unlabeled images to a multiple of W; DataLoader
     # drop_last=True over b = IMS_PER_BATCH_UNLABELED / W images per GPU; the labeled list is resampled to N_u):
     #     iterations per epoch = floor(ceil(N_u / W) / b)       (epoch_iterations(); e.g. 2975 - 372, W 8, b 2 -> 163)
-    cfg.SOLVER.AMP.PRECISION = "bfloat16"  # autocast dtype when SOLVER.AMP.ENABLED ("bfloat16"/"float16")
+    # autocast dtype when SOLVER.AMP.ENABLED ("bfloat16"/"float16")
+    declare(cfg, "SOLVER.AMP.PRECISION", "bfloat16", OneOf("bfloat16", "float16"))
 
     # ------------------------------------------------------------------ TEST
     cfg.TEST.SLIDING_WINDOW = CN()
     cfg.TEST.SLIDING_WINDOW.ENABLED = False
-    cfg.TEST.SLIDING_WINDOW.SIZE = (769, 769)  # (h, w) window
-    cfg.TEST.SLIDING_WINDOW.STRIDE = (513, 513)  # (h, w) step between windows
-    cfg.TEST.SLIDING_WINDOW.BATCH_SIZE = 4  # windows per forward pass (memory vs speed)
-    cfg.TEST.AUG.SCALES = [1.0]  # multi-scale test factors (used when TEST.AUG.ENABLED)
+    declare(cfg, "TEST.SLIDING_WINDOW.SIZE", (769, 769), Range(1, length=2))  # (h, w) window
+    declare(cfg, "TEST.SLIDING_WINDOW.STRIDE", (513, 513), Range(1, length=2))  # (h, w) step between windows
+    declare(cfg, "TEST.SLIDING_WINDOW.BATCH_SIZE", 4, AT_LEAST_1)  # windows per forward pass (memory vs speed)
+    declare(cfg, "TEST.AUG.SCALES", [1.0], POSITIVE)  # multi-scale test factors (used when TEST.AUG.ENABLED)
     cfg.TEST.AUG.FLIP = True  # add horizontal flips (used when TEST.AUG.ENABLED)
     cfg.TEST.EVAL_TEACHER = True  # semi-supervised runs: also evaluate the EMA teacher
     cfg.TEST.EVAL_STUDENT = True  # semi-supervised runs: evaluate the student
@@ -161,16 +350,17 @@ def add_semiseg_config(cfg: CN) -> CN:
     # ------------------------------------------------------------------ SEMI
     cfg.SEMI = CN()
     cfg.SEMI.LOSSES = ["supervised", "pseudo_label"]  # loss terms from SEMI_LOSS_REGISTRY, in order
-    cfg.SEMI.BURN_IN_ITERS = 0  # supervised-only iterations; the teacher is then copied from the student
+    # supervised-only iterations; the teacher is then copied from the student
+    declare(cfg, "SEMI.BURN_IN_ITERS", 0, ITERATION)
     cfg.SEMI.WEIGHTS_FOR_EXPORT = "teacher"  # which network tools/export_model.py writes by default
     # Where the teacher outputs come from. "ema": the EMA teacher (a frozen copy, eval-mode BN, SEMI.EMA.*).
     # "student" (UniMatch V1): no copy; the student itself without gradient: its weak-view maps are the detached
     # outputs of its train-mode pass over cat(labeled, weak), the mixing partners' maps come from a no-grad
     # eval-mode pass (BN running statistics), as UniMatch's model.eval() on img_u_w_mix. No teacher exists:
     # TEST.EVAL_TEACHER and SEMI.WEIGHTS_FOR_EXPORT "teacher" are errors, SEMI.EMA.* is unused.
-    cfg.SEMI.TEACHER_MODE = "ema"
+    declare(cfg, "SEMI.TEACHER_MODE", "ema", OneOf("ema", "student"))
     cfg.SEMI.EMA = CN()
-    cfg.SEMI.EMA.MOMENTUM = 0.999
+    declare(cfg, "SEMI.EMA.MOMENTUM", 0.999, UNIT)
     # "constant": m; "warm_start": min(1 - 1/(it+1), m) (DGCL/U2PL);
     # "cosine": m -> 1 over training, m_t = 1 - (1 - m) * (cos(pi*t/T) + 1) / 2 (Alonso et al.)
     cfg.SEMI.EMA.SCHEDULE = "warm_start"
@@ -184,62 +374,69 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.DIAGNOSTICS = CN()
     cfg.SEMI.DIAGNOSTICS.ENABLED = False
     cfg.SEMI.DIAGNOSTICS.GT_DATASETS = ()
-    cfg.SEMI.DIAGNOSTICS.WINDOW = 20
+    declare(cfg, "SEMI.DIAGNOSTICS.WINDOW", 20, AT_LEAST_1)
     cfg.SEMI.MIX = CN()
     cfg.SEMI.MIX.TYPE = "cutmix"  # "none", "cutmix" (one box), "classmix" (half of the teacher's classes)
-    cfg.SEMI.MIX.PROB = 0.5  # probability that a strong image is mixed
-    cfg.SEMI.MIX.CUTMIX_AREA = [0.02, 0.4]  # CutMix box area as a fraction of the crop (UniMatch)
-    cfg.SEMI.MIX.CUTMIX_RATIO = [0.3, 3.3]  # CutMix box aspect ratio range
+    declare(cfg, "SEMI.MIX.PROB", 0.5, UNIT)  # probability that a strong image is mixed
+    # CutMix box area as a fraction of the crop (UniMatch)
+    declare(cfg, "SEMI.MIX.CUTMIX_AREA", [0.02, 0.4], Range(0, 1, lo_open=True, length=2, ordered=True))
+    # CutMix box aspect ratio range
+    declare(cfg, "SEMI.MIX.CUTMIX_RATIO", [0.3, 3.3], Range(0, lo_open=True, length=2, ordered=True))
     cfg.SEMI.STUDENT_WEAK = False  # also run the student on weak views (set by terms that need it, e.g. dgcl)
     # teacher forward under SOLVER.AMP's autocast (True) or in fp32 (False: every official code; docs/benchmarks.md)
     cfg.SEMI.TEACHER_AUTOCAST = False
     # teacher forward with train-mode BN (batch statistics over cat(weak unlabeled, labeled), dropout on; running
     # statistics untouched) as the official DGCL / DDFP codes (True), or eval-mode BN (False: ours, the EMA's statistics)
     cfg.SEMI.TEACHER_TRAIN_MODE = False
-    cfg.SEMI.VIS_PERIOD = 0  # TensorBoard images every N iterations (0 = off)
+    declare(cfg, "SEMI.VIS_PERIOD", 0, NON_NEGATIVE)  # TensorBoard images every N iterations (0 = off)
     cfg.SEMI.NONFINITE_CHECK = True  # stop on NaN/inf loss naming the iteration and the term
 
     # supervised term: CE/OHEM on labeled pixels (+ aux head), as in MODEL.SEM_SEG_HEAD.LOSS_*
     cfg.SEMI.SUPERVISED = CN()
-    cfg.SEMI.SUPERVISED.WEIGHT = 1.0
+    declare(cfg, "SEMI.SUPERVISED.WEIGHT", 1.0, NON_NEGATIVE)
 
     # pseudo_label term: CE of the student on strong (mixed) views against the teacher's pseudo-labels
     cfg.SEMI.PSEUDO_LABEL = CN()
-    cfg.SEMI.PSEUDO_LABEL.WEIGHT = 1.0
+    declare(cfg, "SEMI.PSEUDO_LABEL.WEIGHT", 1.0, NON_NEGATIVE)
     # "none", "threshold" (keep confidence >= THRESHOLD, FixMatch/UniMatch) or
     # "entropy" (drop the DROP_PERCENT * (1 - t) % highest-entropy pixels, U2PL/DGCL; t = progress of the
     # semi-supervised phase, 0 at the end of BURN_IN_ITERS)
     cfg.SEMI.PSEUDO_LABEL.FILTER = "threshold"
-    cfg.SEMI.PSEUDO_LABEL.THRESHOLD = 0.95
-    cfg.SEMI.PSEUDO_LABEL.DROP_PERCENT = 20.0
-    cfg.SEMI.PSEUDO_LABEL.CONF_POWER = 0.0  # s > 0: weight each pixel by p^s (Alonso et al., s = 6)
+    declare(cfg, "SEMI.PSEUDO_LABEL.THRESHOLD", 0.95, UNIT)
+    declare(cfg, "SEMI.PSEUDO_LABEL.DROP_PERCENT", 20.0, PERCENT)
+    # s > 0: weight each pixel by p^s (Alonso et al., s = 6)
+    declare(cfg, "SEMI.PSEUDO_LABEL.CONF_POWER", 0.0, NON_NEGATIVE)
     # Loss normalisation: "all" divides by every valid unlabeled pixel (UniMatch), "kept" by kept ones,
     # "u2pl" = mean over kept x (B*H*W / kept), what U2PL/DGCL's code computes (docs/methods/dgcl.md).
     cfg.SEMI.PSEUDO_LABEL.NORMALIZE = "all"
     cfg.SEMI.PSEUDO_LABEL.RAMPUP = "none"  # "none", "sigmoid" (exp(-5(1-t)^2)) or "linear"
-    cfg.SEMI.PSEUDO_LABEL.RAMPUP_ITERS = 0  # ramp length after burn-in
-    cfg.SEMI.PSEUDO_LABEL.START_ITER = 0  # term is zero before this iteration (Alonso: 2000)
+    declare(cfg, "SEMI.PSEUDO_LABEL.RAMPUP_ITERS", 0, ITERATION)  # ramp length after burn-in
+    declare(cfg, "SEMI.PSEUDO_LABEL.START_ITER", 0, ITERATION)  # term is zero before this iteration (Alonso: 2000)
 
     # ddfp term (Wang et al., CVPR 2024): CE of the student's decoder on density-descending perturbed
     # decoder inputs of the strong (mixed) views; a normalizing flow (layers/flow.py) trained online on teacher features
     cfg.SEMI.DDFP = CN()
-    cfg.SEMI.DDFP.WEIGHT = 0.5  # lambda_p of the perturbed-feature CE
-    cfg.SEMI.DDFP.THRESHOLD = 0.95  # teacher confidence to keep a pixel (loss and perturbation mask)
+    declare(cfg, "SEMI.DDFP.WEIGHT", 0.5, NON_NEGATIVE)  # lambda_p of the perturbed-feature CE
+    declare(cfg, "SEMI.DDFP.THRESHOLD", 0.95, UNIT)  # teacher confidence to keep a pixel (loss and perturbation mask)
     cfg.SEMI.DDFP.NORMALIZE = "kept"  # CE normalisation as SEMI.PSEUDO_LABEL.NORMALIZE (reference: "kept")
-    cfg.SEMI.DDFP.EPS = 4.0  # L2 norm of the perturbation of each pixel's decoder input
+    declare(cfg, "SEMI.DDFP.EPS", 4.0, POSITIVE)  # L2 norm of the perturbation of each pixel's decoder input
     cfg.SEMI.DDFP.PERTURBED_BN = True  # separate BN set for the perturbed decoder pass (reference MixSyncBN)
-    cfg.SEMI.DDFP.START_ITER = 0  # no perturbation loss before this iteration (reference: burn-in + 1 epoch)
-    cfg.SEMI.DDFP.FLOW_START_ITER = 0  # the flow trains from this iteration on (reference: end of burn-in)
-    cfg.SEMI.DDFP.FLOW_BLOCKS = 2  # GLOW coupling blocks
-    cfg.SEMI.DDFP.FLOW_HIDDEN = [256, 256]  # hidden widths of every coupling subnet
-    cfg.SEMI.DDFP.FLOW_CLAMP = 2.0  # soft clamp of the coupling log-scales
-    cfg.SEMI.DDFP.FLOW_SEED = 0  # seeds the flow's permutations and initialisation (identical on every rank)
-    cfg.SEMI.DDFP.FLOW_LR = 1e-3  # Adam learning rate of the flow (own optimizer, not SOLVER.*)
-    cfg.SEMI.DDFP.FLOW_BETAS = [0.5, 0.9]  # Adam betas of the flow
-    cfg.SEMI.DDFP.FLOW_LR_END_FACTOR = 0.01  # flow lr decays geometrically to FLOW_LR * this at MAX_ITER
-    cfg.SEMI.DDFP.FLOW_GRAD_CLIP = 50.0  # max global grad norm of a flow step (0 = off)
-    cfg.SEMI.DDFP.FLOW_SAMPLES = 20480  # teacher pixel features per flow step (per rank)
-    cfg.SEMI.DDFP.FLOW_NOISE = 0.05  # std of the Gaussian noise added to those features
+    # no perturbation loss before this iteration (reference: burn-in + 1 epoch)
+    declare(cfg, "SEMI.DDFP.START_ITER", 0, ITERATION)
+    # the flow trains from this iteration on (reference: end of burn-in)
+    declare(cfg, "SEMI.DDFP.FLOW_START_ITER", 0, ITERATION)
+    declare(cfg, "SEMI.DDFP.FLOW_BLOCKS", 2, AT_LEAST_1)  # GLOW coupling blocks
+    declare(cfg, "SEMI.DDFP.FLOW_HIDDEN", [256, 256], AT_LEAST_1)  # hidden widths of every coupling subnet
+    declare(cfg, "SEMI.DDFP.FLOW_CLAMP", 2.0, POSITIVE)  # soft clamp of the coupling log-scales
+    # seeds the flow's permutations and initialisation (identical on every rank)
+    declare(cfg, "SEMI.DDFP.FLOW_SEED", 0, NON_NEGATIVE)
+    declare(cfg, "SEMI.DDFP.FLOW_LR", 1e-3, POSITIVE)  # Adam learning rate of the flow (own optimizer, not SOLVER.*)
+    declare(cfg, "SEMI.DDFP.FLOW_BETAS", [0.5, 0.9], Range(0, 1, hi_open=True, length=2))  # Adam betas of the flow
+    # flow lr decays geometrically to FLOW_LR * this at MAX_ITER
+    declare(cfg, "SEMI.DDFP.FLOW_LR_END_FACTOR", 0.01, Range(0, 1, lo_open=True))
+    declare(cfg, "SEMI.DDFP.FLOW_GRAD_CLIP", 50.0, NON_NEGATIVE)  # max global grad norm of a flow step (0 = off)
+    declare(cfg, "SEMI.DDFP.FLOW_SAMPLES", 20480, AT_LEAST_1)  # teacher pixel features per flow step (per rank)
+    declare(cfg, "SEMI.DDFP.FLOW_NOISE", 0.05, NON_NEGATIVE)  # std of the Gaussian noise added to those features
     # unlabeled pixels in the flow's NLL: "mixture" (every valid pixel, marginal density; reference code) or
     # "pseudo_label" (confident pixels, class-conditional on the teacher's pseudo-label, THRESHOLD)
     cfg.SEMI.DDFP.FLOW_UNLABELED_TARGET = "mixture"
@@ -249,79 +446,100 @@ def add_semiseg_config(cfg: CN) -> CN:
     # Each part: CE summed over pixels with teacher confidence >= THRESHOLD / the stream's non-ignored pixels.
     # Asks the engine for the second strong stream and (FP_DROPOUT > 0) the feature-perturbation stream.
     cfg.SEMI.UNIMATCH = CN()
-    cfg.SEMI.UNIMATCH.THRESHOLD = 0.95  # conf_thresh (official: VOC 0.95; Cityscapes 0 in the current code)
-    cfg.SEMI.UNIMATCH.WEIGHT_S1 = 0.25  # first strong stream (image_strong, boxes mix_mask)
-    cfg.SEMI.UNIMATCH.WEIGHT_S2 = 0.25  # second strong stream (image_strong2, boxes mix_mask2)
-    cfg.SEMI.UNIMATCH.WEIGHT_FP = 0.5  # feature-perturbed weak view (must be 0 when FP_DROPOUT is 0)
-    cfg.SEMI.UNIMATCH.LOSS_SCALE = 0.5  # the official "/ 2", on the three parts above
-    cfg.SEMI.UNIMATCH.FP_DROPOUT = 0.5  # Dropout2d p on the weak view's backbone features (0 = no fp stream)
+    # conf_thresh (official: VOC 0.95; Cityscapes 0 in the current code)
+    declare(cfg, "SEMI.UNIMATCH.THRESHOLD", 0.95, UNIT)
+    declare(cfg, "SEMI.UNIMATCH.WEIGHT_S1", 0.25, NON_NEGATIVE)  # first strong stream (image_strong, boxes mix_mask)
+    declare(cfg, "SEMI.UNIMATCH.WEIGHT_S2", 0.25, NON_NEGATIVE)  # second strong stream (image_strong2, boxes mix_mask2)
+    # feature-perturbed weak view (must be 0 when FP_DROPOUT is 0)
+    declare(cfg, "SEMI.UNIMATCH.WEIGHT_FP", 0.5, NON_NEGATIVE)
+    declare(cfg, "SEMI.UNIMATCH.LOSS_SCALE", 0.5, NON_NEGATIVE)  # the official "/ 2", on the three parts above
+    # Dropout2d p on the weak view's backbone features (0 = no fp stream)
+    declare(cfg, "SEMI.UNIMATCH.FP_DROPOUT", 0.5, UNIT_OPEN)
 
     # unimatch_v2 term (losses/unimatch_v2.py, docs/methods/unimatch_v2.md): UniMatch V2's two strong streams with
     # complementary channel dropout on the student's encoder features; L = (L_x + (L_s1 + L_s2) / 2) / 2 with
     # SEMI.SUPERVISED.WEIGHT 0.5 and an EMA teacher (SEMI.EMA: "warm_start", 0.996)
     cfg.SEMI.UNIMATCH_V2 = CN()
-    cfg.SEMI.UNIMATCH_V2.THRESHOLD = 0.95  # conf_thresh (official: every dataset)
-    cfg.SEMI.UNIMATCH_V2.WEIGHT_S1 = 0.5  # the "(L_s1 + L_s2) / 2" ...
-    cfg.SEMI.UNIMATCH_V2.WEIGHT_S2 = 0.5
-    cfg.SEMI.UNIMATCH_V2.LOSS_SCALE = 0.5  # ... and the outer "/ 2" of the official loss
+    declare(cfg, "SEMI.UNIMATCH_V2.THRESHOLD", 0.95, UNIT)  # conf_thresh (official: every dataset)
+    declare(cfg, "SEMI.UNIMATCH_V2.WEIGHT_S1", 0.5, NON_NEGATIVE)  # the "(L_s1 + L_s2) / 2" ...
+    declare(cfg, "SEMI.UNIMATCH_V2.WEIGHT_S2", 0.5, NON_NEGATIVE)
+    declare(cfg, "SEMI.UNIMATCH_V2.LOSS_SCALE", 0.5, NON_NEGATIVE)  # ... and the outer "/ 2" of the official loss
     cfg.SEMI.UNIMATCH_V2.COMPLEMENTARY_DROPOUT = True  # masks m and 2 - m on the two streams' encoder channels
-    cfg.SEMI.UNIMATCH_V2.UNPERTURBED_FRACTION = 0.5  # share of image pairs left unperturbed (official 1 - 0.5)
+    # share of image pairs left unperturbed (official 1 - 0.5)
+    declare(cfg, "SEMI.UNIMATCH_V2.UNPERTURBED_FRACTION", 0.5, UNIT)
 
     # dgcl term (losses/dgcl.py, docs/methods/dgcl.md): density-guided contrastive loss + class-wise memory bank
     cfg.SEMI.DGCL = CN()
-    cfg.SEMI.DGCL.WEIGHT = 0.5  # lambda_c of L = L_sup + lambda_u L_u + lambda_c L_dgcl (paper/reference: 0.5)
-    cfg.SEMI.DGCL.TEMPERATURE = 0.5  # InfoNCE temperature
-    cfg.SEMI.DGCL.PROJ_DIM = 256  # projection MLP width (Linear-BN-ReLU-Linear on the head's "features")
-    cfg.SEMI.DGCL.NUM_ANCHORS = 200  # lowest-density pixels per class used as anchors
-    cfg.SEMI.DGCL.NUM_POSITIVES = 50  # highest-density keys per class, taken from the batch AND from the bank
-    cfg.SEMI.DGCL.NUM_NEGATIVES = 512  # random pixels of other classes per class
-    cfg.SEMI.DGCL.MAX_PIXELS_PER_CLASS = 10000  # random subset of a class's batch pixels whose density is computed
-    cfg.SEMI.DGCL.MEMORY_SIZE = 10000  # bank entries per class (FIFO)
-    cfg.SEMI.DGCL.UPDATE_PER_CLASS = 1000  # at most this many new bank entries per class per step (all ranks together)
-    cfg.SEMI.DGCL.MIN_FILL = 10000  # a class contributes once its bank holds this many entries (ref: all classes full)
-    cfg.SEMI.DGCL.DENSITY_KS = [8, 16, 32]  # kNN sizes of the multi-scale density
+    # lambda_c of L = L_sup + lambda_u L_u + lambda_c L_dgcl (paper/reference: 0.5)
+    declare(cfg, "SEMI.DGCL.WEIGHT", 0.5, NON_NEGATIVE)
+    declare(cfg, "SEMI.DGCL.TEMPERATURE", 0.5, POSITIVE)  # InfoNCE temperature
+    # projection MLP width (Linear-BN-ReLU-Linear on the head's "features")
+    declare(cfg, "SEMI.DGCL.PROJ_DIM", 256, AT_LEAST_1)
+    declare(cfg, "SEMI.DGCL.NUM_ANCHORS", 200, AT_LEAST_1)  # lowest-density pixels per class used as anchors
+    # highest-density keys per class, taken from the batch AND from the bank
+    declare(cfg, "SEMI.DGCL.NUM_POSITIVES", 50, AT_LEAST_1)
+    declare(cfg, "SEMI.DGCL.NUM_NEGATIVES", 512, AT_LEAST_1)  # random pixels of other classes per class
+    # random subset of a class's batch pixels whose density is computed
+    declare(cfg, "SEMI.DGCL.MAX_PIXELS_PER_CLASS", 10000, AT_LEAST_1)
+    declare(cfg, "SEMI.DGCL.MEMORY_SIZE", 10000, AT_LEAST_1)  # bank entries per class (FIFO)
+    # at most this many new bank entries per class per step (all ranks together)
+    declare(cfg, "SEMI.DGCL.UPDATE_PER_CLASS", 1000, AT_LEAST_1)
+    # a class contributes once its bank holds this many entries (ref: all classes full)
+    declare(cfg, "SEMI.DGCL.MIN_FILL", 10000, Range(0, "SEMI.DGCL.MEMORY_SIZE"))
+    declare(cfg, "SEMI.DGCL.DENSITY_KS", [8, 16, 32], AT_LEAST_1)  # kNN sizes of the multi-scale density
     # contrastive labels / bank entries drop the max(DROP_PERCENT * (1 - progress), MIN_DROP_PERCENT) % highest-
     # entropy pseudo-labelled pixels; progress counts from the end of SEMI.BURN_IN_ITERS
-    cfg.SEMI.DGCL.DROP_PERCENT = 80.0
-    cfg.SEMI.DGCL.MIN_DROP_PERCENT = 10.0
-    cfg.SEMI.DGCL.SKIP_CLASSES = []  # classes that never get anchors (ref: [0] on every dataset; VOC background)
+    declare(cfg, "SEMI.DGCL.DROP_PERCENT", 80.0, PERCENT)
+    declare(cfg, "SEMI.DGCL.MIN_DROP_PERCENT", 10.0, PERCENT)
+    # classes that never get anchors (ref: [0] on every dataset; VOC background)
+    declare(cfg, "SEMI.DGCL.SKIP_CLASSES", [], Range(0, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", hi_open=True))
     # "per_class": a class contributes once its bank holds MIN_FILL (ours); "all_classes": the loss is off until every
     # class's bank holds MIN_FILL (official check_if_full, which with SKIP_CLASSES [0] is the official start)
-    cfg.SEMI.DGCL.START = "per_class"
+    declare(cfg, "SEMI.DGCL.START", "per_class", OneOf("per_class", "all_classes"))
     # 0: loss weight WEIGHT (ours, paper). W > 0: WEIGHT / W, the official effective weight of its non-autograd
     # all_reduce + / world_size on W GPUs (Cityscapes W = 8: 0.0625, VOC W = 4: 0.125), whatever world size we run on
-    cfg.SEMI.DGCL.OFFICIAL_WORLD_SIZE = 0
+    declare(cfg, "SEMI.DGCL.OFFICIAL_WORLD_SIZE", 0, NON_NEGATIVE)
     cfg.SEMI.DGCL.BANK_SOURCE = "student"  # bank features from the "student" (ref) or the "teacher" (weak views)
-    cfg.SEMI.DGCL.DENSITY_MAX_ELEMENTS = 134217728  # similarities materialised at once in the kNN density (memory)
+    # similarities materialised at once in the kNN density (memory)
+    declare(cfg, "SEMI.DGCL.DENSITY_MAX_ELEMENTS", 134217728, AT_LEAST_1)
 
     # memory_contrast term (losses/memory_contrast.py, docs/methods/memory_contrast.md): Alonso et al. ICCV 2021
     cfg.SEMI.MEMORY_CONTRAST = CN()
-    cfg.SEMI.MEMORY_CONTRAST.WEIGHT = 0.1  # lambda_contr, applied to the labeled and to the unlabeled part each
-    cfg.SEMI.MEMORY_CONTRAST.START_ITER = 2000  # loss is zero before this iteration (paper: 2K)
-    cfg.SEMI.MEMORY_CONTRAST.BANK_START_ITER = 0  # bank filled from this iteration on (paper: every iteration; code: 1000)
-    cfg.SEMI.MEMORY_CONTRAST.FEATURE_DIM = 0  # D of the head's "features" (v2: 2048, v3+: 256); 0 = implied by the head
-    cfg.SEMI.MEMORY_CONTRAST.PROJECTION_DIM = 256  # output of the projection g and prediction q heads (= bank width)
-    cfg.SEMI.MEMORY_CONTRAST.HIDDEN_DIM = 256  # hidden width of g and q (Linear-BN-ReLU-Linear)
-    cfg.SEMI.MEMORY_CONTRAST.SELECTOR_HIDDEN_DIM = 256  # hidden width of the class attention selectors S_c
-    cfg.SEMI.MEMORY_CONTRAST.BANK_SIZE = 256  # psi: entries per class (FIFO)
-    cfg.SEMI.MEMORY_CONTRAST.CONFIDENCE_THRESHOLD = 0.95  # phi of the feature quality filter (teacher right and > phi)
-    cfg.SEMI.MEMORY_CONTRAST.PER_CLASS_PER_IMAGE = 0  # K entries per image and class; 0 = max(1, round(BANK_SIZE / |X_l|))
-    cfg.SEMI.MEMORY_CONTRAST.NUM_LABELED = 0  # |X_l| for K; 0 = count the images of BANK_DATASETS (or TRAIN_LABELED)
+    # lambda_contr, applied to the labeled and to the unlabeled part each
+    declare(cfg, "SEMI.MEMORY_CONTRAST.WEIGHT", 0.1, NON_NEGATIVE)
+    declare(cfg, "SEMI.MEMORY_CONTRAST.START_ITER", 2000, ITERATION)  # loss is zero before this iteration (paper: 2K)
+    # bank filled from this iteration on (paper: every iteration; code: 1000)
+    declare(cfg, "SEMI.MEMORY_CONTRAST.BANK_START_ITER", 0, ITERATION)
+    # D of the head's "features" (v2: 2048, v3+: 256); 0 = implied by the head
+    declare(cfg, "SEMI.MEMORY_CONTRAST.FEATURE_DIM", 0, NON_NEGATIVE)
+    # output of the projection g and prediction q heads (= bank width)
+    declare(cfg, "SEMI.MEMORY_CONTRAST.PROJECTION_DIM", 256, AT_LEAST_1)
+    declare(cfg, "SEMI.MEMORY_CONTRAST.HIDDEN_DIM", 256, AT_LEAST_1)  # hidden width of g and q (Linear-BN-ReLU-Linear)
+    # hidden width of the class attention selectors S_c
+    declare(cfg, "SEMI.MEMORY_CONTRAST.SELECTOR_HIDDEN_DIM", 256, AT_LEAST_1)
+    declare(cfg, "SEMI.MEMORY_CONTRAST.BANK_SIZE", 256, AT_LEAST_1)  # psi: entries per class (FIFO)
+    # phi of the feature quality filter (teacher right and > phi)
+    declare(cfg, "SEMI.MEMORY_CONTRAST.CONFIDENCE_THRESHOLD", 0.95, UNIT)
+    # K entries per image and class; 0 = max(1, round(BANK_SIZE / |X_l|))
+    declare(cfg, "SEMI.MEMORY_CONTRAST.PER_CLASS_PER_IMAGE", 0, NON_NEGATIVE)
+    # |X_l| for K; 0 = count the images of BANK_DATASETS (or TRAIN_LABELED)
+    declare(cfg, "SEMI.MEMORY_CONTRAST.NUM_LABELED", 0, NON_NEGATIVE)
     # DATASETS.TRAIN_LABELED entries whose images fill the bank (SSDA: the Cityscapes subset, not GTA5); empty = all
     cfg.SEMI.MEMORY_CONTRAST.BANK_DATASETS = []
 
     # entropy term (losses/memory_contrast.py): direct entropy minimisation on the strong unlabeled views (Alonso Eq. 7)
     cfg.SEMI.ENTROPY = CN()
-    cfg.SEMI.ENTROPY.WEIGHT = 0.01  # lambda_ent
-    cfg.SEMI.ENTROPY.START_ITER = 0  # zero before this iteration (paper: from the start)
+    declare(cfg, "SEMI.ENTROPY.WEIGHT", 0.01, NON_NEGATIVE)  # lambda_ent
+    declare(cfg, "SEMI.ENTROPY.START_ITER", 0, ITERATION)  # zero before this iteration (paper: from the start)
     cfg.SEMI.ENTROPY.NORMALIZE = False  # divide by log(C) (the reference code divides by log2(C)); paper: no
 
     # class_balance term (losses/class_balance.py): CE class weights alpha_c = sqrt(f_median / f_c) for the terms
     # listed after it (supervised, pseudo_label) from labels + pseudo-labels (Alonso: Cityscapes/GTA5 on, VOC off)
     cfg.SEMI.CLASS_BALANCE = CN()
-    cfg.SEMI.CLASS_BALANCE.MOMENTUM = 0.999  # EMA of the per-step class pixel counts
+    declare(cfg, "SEMI.CLASS_BALANCE.MOMENTUM", 0.999, UNIT_OPEN)  # EMA of the per-step class pixel counts
     cfg.SEMI.CLASS_BALANCE.FROM_PSEUDO_LABELS = True  # also count the teacher's pseudo-labels (paper: yes)
-    cfg.SEMI.CLASS_BALANCE.START_ITER = 0  # weights are 1 before this iteration (counting starts at once)
+    # weights are 1 before this iteration (counting starts at once)
+    declare(cfg, "SEMI.CLASS_BALANCE.START_ITER", 0, ITERATION)
     return cfg
 
 
@@ -340,13 +558,14 @@ def epoch_iterations(num_images: int, world_size: int, images_per_gpu: int, drop
 
 
 def check_semiseg_config(cfg: CN) -> None:
-    """Raise a clear error when a config was not extended with add_semiseg_config(), or asks for a GPU that
-    this machine does not have."""
+    """Raise a clear error when a config was not extended with add_semiseg_config(), holds a value outside its
+    declared range (:func:`check_ranges`), or asks for a GPU that this machine does not have."""
     if _MARKER not in cfg:
         raise KeyError(
             "this config has no semiseg_d2 keys: call semiseg_d2.add_semiseg_config(cfg) before "
             "cfg.merge_from_file(...) (tools/train_net.py and tools/demo.py do)"
         )
+    check_ranges(cfg)
     import torch
 
     if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():

@@ -37,12 +37,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from semiseg_d2.config import get_semiseg_cfg  # noqa: E402
 from semiseg_d2.data.datasets import register_folder_datasets_from_cfg  # noqa: E402
+from semiseg_d2.data.io import UnreadableFileError, read_image  # noqa: E402
 from semiseg_d2.engine.predictor import NETWORKS, SemiSegPredictor, check_weights_file  # noqa: E402
 from semiseg_d2.losses.pseudo_label import softmax_entropy  # noqa: E402
 
@@ -213,12 +213,9 @@ def save_png(array: np.ndarray, path: str) -> str:
 def read_bgr(path: str) -> np.ndarray:
     """An image file as ``uint8[H, W, 3]`` BGR (EXIF orientation applied); ``UnreadableInput`` if it is not one."""
     try:
-        image = read_image(path, format="BGR")
-    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        raise UnreadableInput(f"not a readable image ({type(e).__name__}: {e})") from e
-    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        raise UnreadableInput(f"not a readable image (decoded to shape {image.shape})")
-    return image
+        return read_image(path, format="BGR")
+    except UnreadableFileError as e:  # the one reader of every mapper; its message names the file
+        raise UnreadableInput(f"not a readable image ({e})") from e
 
 
 def process_image(predictor, path: str, out_dir: str, meta, args) -> List[str]:

@@ -114,7 +114,7 @@ def build_network(args):
 @torch.no_grad()
 def collect(cfg, net, dataset: str, num_pixels: int, max_images: int, seed: int):
     from detectron2.data import MetadataCatalog
-    from detectron2.data import detection_utils as d2_utils
+    from semiseg_d2.data.io import read_image
 
     from semiseg_d2.data.build import load_dataset_dicts
     from semiseg_d2.data.label_io import load_sem_seg
@@ -129,7 +129,7 @@ def collect(cfg, net, dataset: str, num_pixels: int, max_images: int, seed: int)
     feats, labels = [], []
     for i in order:
         rec = dicts[i]
-        image = d2_utils.read_image(rec["file_name"], format="RGB")
+        image = read_image(rec["file_name"], rec.get("dataset_name", dataset))
         label = torch.from_numpy(load_sem_seg(rec["sem_seg_file_name"], rec.get("dataset_name", dataset)).astype(np.int64))
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(net.device)
         out = net.extract(net.normalize(x))

@@ -12,6 +12,8 @@
   python tools/register_folder.py ... --yaml configs/my_data.yaml --base configs/camvid/demo_semi_cpu.yaml
   # check every DATASETS.FOLDERS dataset of a config (after its opts)
   python tools/register_folder.py --config-file configs/folder/example_camvid_folders.yaml --check
+  # ... and fully decode every image and mask, in parallel: lists every truncated / unreadable file
+  python tools/register_folder.py --config-file configs/folder/example_camvid_folders.yaml --check --decode
   # lay out the bundled CamVid frames as plain folders (the documented example, docs/datasets.md)
   python tools/register_folder.py --layout-camvid datasets/camvid_folders
 
@@ -22,7 +24,7 @@ import argparse
 import os
 import shutil
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -49,6 +51,9 @@ def _parse_args(argv):
     p.add_argument("--select", default="all", choices=("all", "with_mask", "without_mask"),
                    help="with --mask-dir: every image needs a mask / only images with one / only those without")
     p.add_argument("--check", action="store_true", help="read every mask: values, sizes, per-class histogram")
+    p.add_argument("--decode", action="store_true",
+                   help="with --check: also fully decode every image and mask (in parallel) and list unreadable files")
+    p.add_argument("--jobs", type=int, default=0, help="with --decode: processes (default: every CPU of this process)")
     p.add_argument("--yaml", default=None, help="write the DATASETS.FOLDERS snippet here ('-' = stdout)")
     p.add_argument("--base", default=None, help="with --yaml: write a whole config with _BASE_ = this file")
     p.add_argument("--config-file", default=None, help="check the DATASETS.FOLDERS datasets of this config")
@@ -63,6 +68,8 @@ def _parse_args(argv):
         p.error("--image-dir needs --classes or --classes-file")
     if args.base and not args.yaml:
         p.error("--base needs --yaml (the file to write)")
+    if args.decode and not args.check:
+        p.error("--decode goes with --check")
     if bool(args.val_image_dir) != bool(args.val_mask_dir):
         p.error("--val-image-dir and --val-mask-dir go together")
     if args.opts and not args.config_file:
@@ -217,6 +224,29 @@ def describe(name: str, check: bool) -> List[str]:
     return out
 
 
+def decode_all(names: List[str], jobs: int) -> Tuple[bool, List[str]]:
+    """Fully decode every image and mask of the folder datasets ``names`` (``jobs`` processes, 0 = every CPU), with a
+    progress bar on stderr; returns (all readable, summary lines: one per unreadable file). Records come from the folders'
+    structure only, so a bad mask does not hide the other files."""
+    from detectron2.data import MetadataCatalog
+    from tqdm import tqdm
+
+    from semiseg_d2.data.datasets.register_folder import _folder_records
+    from semiseg_d2.data.io import default_num_workers, find_unreadable
+
+    work = []
+    for name in names:
+        for rec in _folder_records(name, MetadataCatalog.get(name).folder_spec, name):
+            work.append(("image", rec["file_name"], name))
+            if "sem_seg_file_name" in rec:
+                work.append(("label", rec["sem_seg_file_name"], name))
+    with tqdm(total=len(work), desc="decode", unit="file", file=sys.stderr) as bar:
+        bad = find_unreadable(work, jobs or default_num_workers(), progress=bar.update)
+    if not bad:
+        return True, [f"decoded all {len(work)} image and mask file(s) of {', '.join(names)}: every one is readable"]
+    return False, [f"{len(bad)} of {len(work)} file(s) cannot be used:"] + [f"  {message}" for _, message in bad]
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
     if args.layout_camvid:
@@ -246,6 +276,11 @@ def main(argv=None) -> int:
         if not names:
             raise ValueError(f"{args.config_file}: DATASETS.FOLDERS declares no dataset")
         summary_stream = sys.stderr if args.yaml == "-" else sys.stdout  # stdout then holds the YAML only
+        if args.decode:
+            readable, lines = decode_all(names, args.jobs)
+            print("\n".join(lines), file=summary_stream)
+            if not readable:
+                return 1
         for name in names:
             print("\n".join(describe(name, args.check)), file=summary_stream)
         if args.image_dir and args.yaml:

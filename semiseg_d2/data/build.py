@@ -17,6 +17,8 @@ builds its Mask R-CNN loader with it (``annotations`` dropped, ``thing_classes``
 
 Training streams are :class:`~semiseg_d2.data.stream.SeededBatchStream`: batch ``b`` is a pure function of
 ``(SEED, b, rank)``, so ``loader.set_start(iteration)`` resumes exactly, whatever ``DATALOADER.NUM_WORKERS``.
+An unreadable image stops the run naming file and dataset, except unlabeled ones under
+``DATALOADER.UNREADABLE_UNLABELED "skip"`` (:func:`max_unreadable`; replaced deterministically, see data/stream.py).
 """
 import logging
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -27,6 +29,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.build import build_detection_test_loader
 from detectron2.utils import comm
 
+from ..config import check_ranges
 from .mapper import SemSegDatasetMapper, UnlabeledDatasetMapper
 from .stream import SeededBatchStream, StreamLoader
 
@@ -38,6 +41,7 @@ __all__ = [
     "build_sem_seg_test_loader",
     "load_dataset_dicts",
     "split_batch",
+    "max_unreadable",
     "SemiTrainLoader",
 ]
 logger = logging.getLogger(__name__)
@@ -120,6 +124,16 @@ def _stream(cfg, dicts: List[Dict], mapper, per_rank_batch: int, stream_id: int)
 _SUPERVISED_STREAM, _UNLABELED_STREAM, _FIRST_LABELED_SOURCE_STREAM = 0, 1, 2
 
 
+def max_unreadable(cfg, num_unlabeled: int) -> Optional[int]:
+    """How many distinct unreadable unlabeled files a run skips before it stops (``DATALOADER.UNREADABLE_UNLABELED
+    "skip"``: ``floor(MAX_UNREADABLE * num_unlabeled)``); None for "error" (the first one stops it). Labeled and
+    test images are never skipped: a bad one always stops the run, naming it."""
+    check_ranges(cfg, ("DATALOADER.UNREADABLE_UNLABELED", "DATALOADER.MAX_UNREADABLE"))
+    if cfg.DATALOADER.UNREADABLE_UNLABELED != "skip":
+        return None
+    return int(cfg.DATALOADER.MAX_UNREADABLE * num_unlabeled)
+
+
 def build_sem_seg_train_loader(cfg) -> StreamLoader:
     """Supervised loader: ``DATASETS.TRAIN`` through ``SemSegDatasetMapper(cfg, True)``; yields lists of dicts."""
     dicts = load_dataset_dicts(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
@@ -177,6 +191,7 @@ def build_paired_loader(
 
     unlabeled = load_dataset_dicts(unlabeled_names, "DATASETS.TRAIN_UNLABELED", unlabeled=True, label_keys=label_keys)
     unlabeled_stream = _stream(cfg, unlabeled, unlabeled_mapper, unl_batch, _UNLABELED_STREAM)
+    unlabeled_stream.max_unreadable = max_unreadable(cfg, len(unlabeled))
 
     def labeled_dicts(names):
         dicts = load_dataset_dicts(names, labeled_key)

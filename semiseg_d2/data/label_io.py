@@ -13,6 +13,8 @@ from PIL import Image
 from detectron2.data import MetadataCatalog
 from detectron2.data.catalog import Metadata
 
+from .io import decode_errors
+
 __all__ = ["load_sem_seg", "label_lut", "apply_label_map", "check_label_values", "datasets_env_hint"]
 
 
@@ -52,14 +54,17 @@ def check_label_values(label: np.ndarray, num_classes: int, ignore_label: int, s
         )
 
 
-def _read_label_file(path: str) -> np.ndarray:
+def _read_label_file(path: str, dataset: Optional[str] = None) -> np.ndarray:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"label file not found: {path}; {datasets_env_hint()}")
-    with Image.open(path) as img:
-        # "P" (palette, VOC/GTA5) and "L" PNGs both give the stored index per pixel.
-        if img.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"label file {path}: expected a single-channel PNG (mode L/P), got mode {img.mode}")
-        label = np.asarray(img)
+    with decode_errors("label", path, dataset):
+        with Image.open(path) as img:
+            mode = img.mode
+            label = np.asarray(img)
+    # "P" (palette, VOC/GTA5) and "L" PNGs both give the stored index per pixel.
+    if mode not in ("L", "P", "I", "I;16"):
+        of = f" of dataset '{dataset}'" if dataset else ""
+        raise ValueError(f"label file {path}{of}: expected a single-channel PNG (mode L/P), got mode {mode}")
     if label.dtype != np.uint8:
         if label.min() < 0 or label.max() > 255:
             raise ValueError(f"label file {path}: values outside 0..255 (min {label.min()}, max {label.max()})")
@@ -75,9 +80,11 @@ def load_sem_seg(path: str, meta_or_name: Union[str, Metadata, None], dtype=np.u
         meta_or_name: the dataset's Metadata or its registered name; None reads the raw file unchecked.
         dtype: output dtype (detectron2's SemSegEvaluator asks for ``int``).
     Raises:
-        FileNotFoundError naming ``path``; ValueError naming the bad value(s) and ``path``.
+        FileNotFoundError naming ``path``; :class:`..io.UnreadableFileError` (a ValueError) naming ``path`` and the
+        dataset when the file cannot be decoded; ValueError naming the bad value(s) or mode and ``path``.
     """
-    label = _read_label_file(path)
+    name = meta_or_name if isinstance(meta_or_name, str) else getattr(meta_or_name, "name", None)
+    label = _read_label_file(path, name)
     if meta_or_name is None:
         return label.astype(dtype, copy=False)
     meta = MetadataCatalog.get(meta_or_name) if isinstance(meta_or_name, str) else meta_or_name

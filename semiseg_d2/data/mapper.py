@@ -13,7 +13,8 @@
   ``second_strong`` (a ``SEMI.LOSSES`` term declares ``needs_second_strong``: UniMatch) also ``"image_strong2"``,
   a second, independent photometric draw of the same crop, drawn after the first (which is unchanged).
 
-``height``/``width`` are the original image size. Randomness uses numpy's and torch's global RNGs, which
+Images are read by :func:`.io.read_image`: a file that cannot be decoded raises ``UnreadableFileError`` naming
+the file and the record's ``dataset_name``. ``height``/``width`` are the original image size. Randomness uses numpy's and torch's global RNGs, which
 detectron2 seeds per data-loader worker, so a run is reproducible given its seed.
 """
 import copy
@@ -25,8 +26,8 @@ import torch
 
 import detectron2.data.transforms as T
 from detectron2.config import configurable
-from detectron2.data import detection_utils as d2_utils
 
+from .io import read_image
 from .label_io import check_label_values, load_sem_seg
 from .transforms import StrongPhotometricAug
 
@@ -183,13 +184,13 @@ class SemSegDatasetMapper:
         if label.shape != tuple(image_shape[:2]):
             raise ValueError(
                 f"label {path} is {label.shape[1]}x{label.shape[0]} (WxH) but image {record['file_name']} is "
-                f"{image_shape[1]}x{image_shape[0]}"
+                f"{image_shape[1]}x{image_shape[0]}" + (f" (dataset '{name}')" if name else "")
             )
         return label
 
     def __call__(self, record: Dict) -> Dict:
         record = copy.copy(record)
-        image = d2_utils.read_image(record["file_name"], format="RGB")
+        image = read_image(record["file_name"], record.get("dataset_name"))
         out = {"file_name": record["file_name"], "height": image.shape[0], "width": image.shape[1]}
         if "dataset_name" in record:
             out["dataset_name"] = record["dataset_name"]
@@ -247,7 +248,7 @@ class UnlabeledDatasetMapper:
         )
 
     def __call__(self, record: Dict) -> Dict:
-        image = d2_utils.read_image(record["file_name"], format="RGB")
+        image = read_image(record["file_name"], record.get("dataset_name"))
         h, w = image.shape[:2]
         valid = np.ones((h, w), dtype=np.uint8)
         masks = [(valid, 0)]

@@ -5,9 +5,17 @@ permutation per epoch, or seeded sampling of several weighted sources) and every
 mapper draws (the global ``random`` / ``numpy`` / ``torch`` generators are seeded per sample).
 So a run resumed at iteration ``N`` sees exactly the batches an uninterrupted run sees, with any
 number of loader workers, and nothing needs to be stored in the checkpoint but the iteration.
+
+Unreadable files (``DATALOADER.UNREADABLE_UNLABELED "skip"``, set on the unlabeled stream only): a sample whose
+image cannot be decoded (:class:`.io.UnreadableFileError`) is replaced by replacement draw ``a = 1, 2, ...`` of
+its position, a uniform sample of the stream's sources seeded by ``(seed, pos, a)`` and mapped under a seed of
+``(seed, pos, a)``: a pure function of the position again, so skipping keeps resume exact. The replacement
+carries the skipped ``(file, message)`` pairs under ``"unreadable"``; :class:`StreamLoader` (main process)
+removes them, logs each file once, counts distinct files and stops past ``max_unreadable``.
 """
 import copy
 import hashlib
+import logging
 import random
 from contextlib import contextmanager
 from typing import Callable, List, Optional, Sequence
@@ -15,6 +23,12 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .io import UnreadableFileError
+
+logger = logging.getLogger(__name__)
+UNREADABLE_KEY = "unreadable"  # key of a replacement sample: the skipped [(file_name, message)]
+MAX_REPLACEMENT_DRAWS = 20  # a position whose draws are all unreadable stops the run (the data set is mostly broken)
 
 
 def _mix_seed(*values: int) -> int:
@@ -54,7 +68,10 @@ class SeededBatchStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         weights: Optional[Sequence[float]] = None,
+        max_unreadable: Optional[int] = None,
     ):
+        """``max_unreadable``: None = an unreadable file is an error; an int = skip unreadable files (replaced
+        deterministically, see the module docstring) and stop once more than this many distinct files were bad."""
         if batch_size <= 0:
             raise ValueError(f"batch size per rank must be positive, got {batch_size}")
         self.sources = [list(s) for s in sources]
@@ -73,6 +90,7 @@ class SeededBatchStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.start_batch = 0
+        self.max_unreadable = max_unreadable
         self._perm_cache = {}
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -85,19 +103,40 @@ class SeededBatchStream(IterableDataset):
         """Global sample position of item ``j`` of batch ``batch`` on this rank."""
         return (batch * self.world_size + self.rank) * self.batch_size + j
 
-    def record(self, pos: int) -> dict:
-        """The dataset dict at stream position ``pos`` (before mapping)."""
-        if len(self.sources) == 1:
+    def record(self, pos: int, draw: int = 0) -> dict:
+        """The dataset dict at stream position ``pos`` (before mapping); ``draw > 0``: the replacement draw
+        ``draw`` of that position (a seeded uniform sample of the sources, by their weights)."""
+        if len(self.sources) == 1 and draw == 0:
             n = len(self.sources[0])
             return self.sources[0][int(self._permutation(pos // n)[pos % n])]
-        rng = np.random.default_rng(_mix_seed(self.seed, pos, 29))
+        rng = np.random.default_rng(_mix_seed(self.seed, pos, 29) if draw == 0 else _mix_seed(self.seed, pos, draw, 31))
         src = int(np.searchsorted(self.cum_weights, rng.random(), side="right"))
         src = min(src, len(self.sources) - 1)
         return self.sources[src][int(rng.integers(len(self.sources[src])))]
 
+    def _map(self, pos: int, draw: int) -> dict:
+        seed = _mix_seed(self.seed, pos, 43) if draw == 0 else _mix_seed(self.seed, pos, draw, 47)
+        with seeded_global_rng(seed):
+            return self.mapper(copy.deepcopy(self.record(pos, draw)))
+
     def sample(self, pos: int) -> dict:
-        with seeded_global_rng(_mix_seed(self.seed, pos, 43)):
-            return self.mapper(copy.deepcopy(self.record(pos)))
+        """The mapped sample at ``pos``; unreadable ones are replaced when ``max_unreadable`` is set."""
+        if self.max_unreadable is None:
+            return self._map(pos, 0)
+        skipped = []
+        for draw in range(MAX_REPLACEMENT_DRAWS + 1):
+            try:
+                out = self._map(pos, draw)
+            except UnreadableFileError as e:
+                skipped.append((self.record(pos, draw)["file_name"], str(e)))
+                continue
+            if skipped:
+                out[UNREADABLE_KEY] = skipped
+            return out
+        raise UnreadableFileError(
+            f"stream position {pos}: the sample and its {MAX_REPLACEMENT_DRAWS} replacement draws are all unreadable: "
+            + "; ".join(sorted({m for _, m in skipped}))
+        )
 
     def batches(self, start: int, step: int = 1):
         b = start
@@ -119,16 +158,38 @@ class StreamLoader:
     """Iterates one or more :class:`SeededBatchStream` in lock-step (a DataLoader each).
 
     Yields a batch (one stream) or a tuple of batches (several: e.g. labeled and unlabeled).
-    ``set_start(iteration)`` before iterating resumes at that batch.
+    ``set_start(iteration)`` before iterating resumes at that batch. ``unreadable`` maps each file skipped so far
+    by a stream with ``max_unreadable`` to its error message (part of the trainer checkpoint, so a resumed run
+    keeps counting); ``skips_unreadable`` tells whether any stream skips.
     """
 
     def __init__(self, streams: Sequence[SeededBatchStream], num_workers: int = 0):
         self.streams = list(streams)
         self.num_workers = num_workers
+        self.unreadable = {}
+
+    @property
+    def skips_unreadable(self) -> bool:
+        return any(s.max_unreadable is not None for s in self.streams)
 
     def set_start(self, batch: int) -> None:
         for s in self.streams:
             s.start_batch = int(batch)
+
+    def _note_unreadable(self, stream: SeededBatchStream, batch: List[dict]) -> None:
+        """Take the skipped files out of ``batch``; log each new one; stop past ``stream.max_unreadable``."""
+        for sample in batch:
+            for path, message in sample.pop(UNREADABLE_KEY, ()):
+                if path in self.unreadable:
+                    continue
+                self.unreadable[path] = message
+                logger.warning("skipping %s (replaced by another sample of the same stream; %d unreadable file(s) so "
+                               "far, at most %d allowed)", message, len(self.unreadable), stream.max_unreadable)
+        if len(self.unreadable) > stream.max_unreadable:
+            raise UnreadableFileError(
+                f"{len(self.unreadable)} unreadable unlabeled file(s), more than the {stream.max_unreadable} that "
+                "DATALOADER.MAX_UNREADABLE allows: " + "; ".join(sorted(self.unreadable.values()))
+            )
 
     def __iter__(self):
         loaders = [
@@ -149,4 +210,7 @@ class StreamLoader:
         iters = [iter(dl) for dl in loaders]
         while True:
             batches = [next(it) for it in iters]
+            for stream, batch in zip(self.streams, batches):
+                if stream.max_unreadable is not None:
+                    self._note_unreadable(stream, batch)
             yield batches[0] if len(batches) == 1 else tuple(batches)

@@ -5,6 +5,8 @@ conventions, with these changes:
 - a deterministic, resumable data stream (``data/stream.py``): a resumed run sees the same batches;
 - bf16/fp16 autocast from ``SOLVER.AMP`` (no grad scaler for bf16), fp32 master weights;
 - a non-finite loss stops training naming the iteration, the loss and the term that produced it;
+- unlabeled files skipped as unreadable (``DATALOADER.UNREADABLE_UNLABELED "skip"``) are counted in the metric
+  ``data/unreadable`` and kept in the checkpoint;
 - checkpoints written atomically with RNG states and the config; resuming refuses another config
   and any missing/unexpected key;
 - SGD with backbone/head LR multipliers, parameters a loss term optimises itself left out;
@@ -96,6 +98,8 @@ class SemiSegTrainLoop(SimpleTrainer):
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        if getattr(self.data_loader, "skips_unreadable", False):
+            get_event_storage().put_scalar("data/unreadable", len(self.data_loader.unreadable))
 
         device_type = "cuda" if next(module.parameters()).is_cuda else "cpu"
         with torch.autocast(device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
@@ -126,12 +130,16 @@ class SemiSegTrainLoop(SimpleTrainer):
         ret = super().state_dict()
         if self.grad_scaler is not None:
             ret["grad_scaler"] = self.grad_scaler.state_dict()
+        if getattr(self.data_loader, "skips_unreadable", False):  # skipped files keep counting after a resume
+            ret["unreadable"] = dict(self.data_loader.unreadable)
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        if "unreadable" in state_dict and hasattr(self.data_loader, "unreadable"):
+            self.data_loader.unreadable = dict(state_dict["unreadable"])
 
 
 class SegTrainer(DefaultTrainer):

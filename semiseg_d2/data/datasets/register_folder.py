@@ -39,6 +39,7 @@ from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..io import decode_errors
 from ..label_io import load_sem_seg
 from ..splits.splits import entry_id, read_list
 
@@ -294,9 +295,10 @@ def mask_histogram(path: str) -> np.ndarray:
     return hist
 
 
-def _image_size(path: str) -> Tuple[int, int]:
-    """``(height, width)`` of an image as detectron2's read_image returns it (EXIF rotation applied)."""
-    with Image.open(path) as img:
+def _image_size(path: str, dataset: Optional[str] = None) -> Tuple[int, int]:
+    """``(height, width)`` of an image as detectron2's read_image returns it (EXIF rotation applied), from its
+    header only; :class:`..io.UnreadableFileError` naming ``path`` and ``dataset`` when it is no image."""
+    with decode_errors("image", path, dataset), Image.open(path) as img:
         w, h = img.size
         try:
             orientation = img.getexif().get(0x0112, 1)
@@ -305,20 +307,31 @@ def _image_size(path: str) -> Tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
+def _listing(head: str, lines: Sequence[str]) -> str:
+    shown = lines[: _SHOW * 2]
+    return f"{len(lines)} {head}:\n  " + "\n  ".join(shown) + ("\n  ..." if len(lines) > len(shown) else "")
+
+
 def check_folder_masks(records: Sequence[Dict], classes: Sequence[str], ignore_label: int, where: str,
                        check_sizes: bool = True) -> np.ndarray:
-    """Read every mask of ``records``; raise ValueError listing each bad file (value outside the classes and the
-    ignore label, or size different from its image). Returns the summed ``int64[256]`` value histogram."""
+    """Read every mask of ``records`` (and each image's header); raise ValueError listing each bad file (a mask or
+    image that cannot be read, a value outside the classes and the ignore label, a mask whose size differs from
+    its image). Returns the summed ``int64[256]`` value histogram of the readable masks."""
     allowed = np.zeros(256, dtype=bool)
     allowed[: len(classes)] = True
     allowed[ignore_label] = True
     total = np.zeros(256, dtype=np.int64)
-    bad_values, bad_sizes = [], []
+    unreadable, bad_values, bad_sizes = [], [], []
     for rec in records:
         path = rec.get("sem_seg_file_name")
         if path is None:
             continue
-        hist = mask_histogram(path)
+        try:
+            hist = mask_histogram(path)
+            image_size = _image_size(rec["file_name"], rec.get("dataset_name")) if check_sizes else None
+        except (ValueError, OSError) as e:  # UnreadableFileError, a mask of the wrong mode, a file gone meanwhile
+            unreadable.append(str(e))
+            continue
         total += hist
         wrong = np.nonzero((hist > 0) & ~allowed)[0]
         if wrong.size:
@@ -327,21 +340,17 @@ def check_folder_masks(records: Sequence[Dict], classes: Sequence[str], ignore_l
         if check_sizes:
             with Image.open(path) as m:  # labels are read without EXIF rotation (label_io)
                 mw, mh = m.size
-            ih, iw = _image_size(rec["file_name"])
+            ih, iw = image_size
             if (mh, mw) != (ih, iw):
                 bad_sizes.append(f"{path} is {mw}x{mh} but {rec['file_name']} is {iw}x{ih} (WxH)")
     msgs = []
+    if unreadable:
+        msgs.append(_listing("file(s) cannot be read", unreadable))
     if bad_values:
-        msgs.append(
-            f"{len(bad_values)} mask(s) hold values that are neither a class index in [0, {len(classes)}) "
-            f"({len(classes)} CLASSES) nor IGNORE_LABEL {ignore_label}:\n  "
-            + "\n  ".join(bad_values[:_SHOW * 2]) + ("\n  ..." if len(bad_values) > _SHOW * 2 else "")
-        )
+        msgs.append(_listing(f"mask(s) hold values that are neither a class index in [0, {len(classes)}) "
+                             f"({len(classes)} CLASSES) nor IGNORE_LABEL {ignore_label}", bad_values))
     if bad_sizes:
-        msgs.append(
-            f"{len(bad_sizes)} mask(s) differ in size from their image:\n  "
-            + "\n  ".join(bad_sizes[:_SHOW * 2]) + ("\n  ..." if len(bad_sizes) > _SHOW * 2 else "")
-        )
+        msgs.append(_listing("mask(s) differ in size from their image", bad_sizes))
     if msgs:
         raise ValueError(f"{where}: " + "\n".join(msgs))
     return total
