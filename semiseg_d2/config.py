@@ -42,6 +42,13 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.MODEL.FREEZE_BN = False  # keep backbone BN in eval mode (small-batch fine-tuning)
     cfg.MODEL.CHANNELS_LAST = False  # run convolutions in channels_last memory format (GPU speed)
     cfg.MODEL.DEVICE = "cpu"  # detectron2 default is "cuda"; GPU configs set "cuda"
+    # Training from MODEL.WEIGHTS (not --resume): every model key under these prefixes must load from the file with
+    # the model's shape, else training stops naming the keys (engine/checkpoint.py); keys outside them (heads, loss
+    # terms) start from their initialisation when the file lacks them.
+    cfg.MODEL.WEIGHTS_REQUIRED_PREFIXES = ["backbone."]
+    # Regexes (re.match on model keys) of required-prefix keys a config adds on purpose, i.e. that pretrained
+    # weights cannot hold (e.g. an FPN on a pretrained ResNet: projects/SemiInstance); they may be absent.
+    cfg.MODEL.WEIGHTS_NEW_KEYS = []
 
     cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV3PlusFeatHead"  # or "DeepLabV2Head"
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res5"]  # low-level + ASPP input (v2 uses only the last)

@@ -218,8 +218,9 @@ class SegTrainer(DefaultTrainer):
         self.data_loader.set_start(self.start_iter)
 
     def load_initial_weights(self, path: str) -> None:
+        """MODEL.WEIGHTS into the network; the backbone must load completely (MODEL.WEIGHTS_REQUIRED_PREFIXES)."""
         if path:
-            SemiSegCheckpointer(unwrap_model(self.model)).load(path, checkpointables=[])
+            SemiSegCheckpointer(unwrap_model(self.model)).load_pretrained(path, self.cfg)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -269,7 +270,7 @@ class SemiSegTrainer(SegTrainer):
         """MODEL.WEIGHTS initialise the student (e.g. ImageNet backbone); the teacher starts as its copy."""
         if path:
             model = unwrap_model(self.model)
-            SemiSegCheckpointer(model.student).load(path, checkpointables=[])
+            SemiSegCheckpointer(model.student).load_pretrained(path, self.cfg)
             model.teacher.load_state_dict(model.student.state_dict())
 
     def build_hooks(self):
