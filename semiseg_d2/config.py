@@ -133,7 +133,9 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI = CN()
     cfg.SEMI.LOSSES = ["supervised", "pseudo_label"]  # loss terms from SEMI_LOSS_REGISTRY, in order
     cfg.SEMI.BURN_IN_ITERS = 0  # supervised-only iterations; the teacher is then copied from the student
-    cfg.SEMI.WEIGHTS_FOR_EXPORT = "teacher"  # which network tools/export_model.py writes by default
+    # The network a semi-supervised model predicts with by default: DefaultPredictor / SemiSegPredictor on a trainer
+    # checkpoint, tools/demo.py, tools/export_model.py and results.json's "default_network" ("teacher"/"student").
+    cfg.SEMI.WEIGHTS_FOR_EXPORT = "teacher"
     cfg.SEMI.EMA = CN()
     cfg.SEMI.EMA.MOMENTUM = 0.999
     # "constant": m; "warm_start": min(1 - 1/(it+1), m) (DGCL/U2PL);

@@ -47,7 +47,8 @@ def split_outputs(outputs: Dict[str, torch.Tensor], sizes: Sequence[int]) -> Lis
 
 @META_ARCH_REGISTRY.register()
 class SemiSegmentor(TeacherStudent):
-    """Student + EMA teacher + loss terms. Inference runs ``eval_network`` ("student" or "teacher")."""
+    """Student + EMA teacher + loss terms. Inference runs ``eval_network`` ("student" or "teacher"; default
+    SEMI.WEIGHTS_FOR_EXPORT)."""
 
     @configurable
     def __init__(
@@ -63,10 +64,11 @@ class SemiSegmentor(TeacherStudent):
         cutmix_ratio: Tuple[float, float] = (0.3, 1 / 0.3),
         student_weak: bool = False,
         teacher_autocast: bool = True,
+        eval_network: str = "teacher",
     ):
         if mix_type not in _MIX_TYPES:
             raise ValueError(f"SEMI.MIX.TYPE: unknown '{mix_type}'; known: {', '.join(_MIX_TYPES)}")
-        super().__init__(student, terms, max_iter, burn_in_iters)
+        super().__init__(student, terms, max_iter, burn_in_iters, eval_network)
         self.mix_type = mix_type
         self.mix_prob = mix_prob
         self.cutmix_area = tuple(cutmix_area)
@@ -92,6 +94,7 @@ class SemiSegmentor(TeacherStudent):
             cutmix_ratio=m.CUTMIX_RATIO,
             student_weak=cfg.SEMI.STUDENT_WEAK,
             teacher_autocast=cfg.SEMI.TEACHER_AUTOCAST,
+            eval_network=cfg.SEMI.WEIGHTS_FOR_EXPORT,
         )
 
     @property
