@@ -308,7 +308,7 @@ class SegTrainer(DefaultTrainer):
         super().train()
         results = getattr(self, "_last_eval_results", None)
         if results:
-            write_results_file(self.cfg, self.results_by_network(results), iteration=self.iter + 1)
+            write_results_file(self.cfg, self.results_by_network(results), iteration=self.iter)
         return results
 
     @classmethod

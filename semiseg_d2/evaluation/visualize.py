@@ -18,9 +18,11 @@ def colorize(label: np.ndarray, meta, ignore_color=(0, 0, 0)) -> np.ndarray:
     return lut[np.clip(np.asarray(label), 0, 255).astype(np.int64)]
 
 
-def class_legend(meta) -> List[Tuple[str, Tuple[int, int, int]]]:
-    """``(class name, (r, g, b))`` per class of ``meta`` (``stuff_classes`` / ``stuff_colors``), for :func:`save_grid`."""
-    return [(name, tuple(int(v) for v in color)) for name, color in zip(meta.stuff_classes, meta.stuff_colors)]
+def class_legend(meta, ignore_color=(0, 0, 0)) -> List[Tuple[str, Tuple[int, int, int]]]:
+    """``(class name, (r, g, b))`` per class of ``meta`` (``stuff_classes`` / ``stuff_colors``) and the colour
+    :func:`colorize` gives ignored pixels, for :func:`save_grid`'s legend."""
+    legend = [(name, tuple(int(v) for v in color)) for name, color in zip(meta.stuff_classes, meta.stuff_colors)]
+    return legend + [("ignore (not scored)", tuple(ignore_color))]
 
 
 def save_grid(rows: List[Sequence[np.ndarray]], titles: Sequence[str], path: str, scale: float = 3.0,
