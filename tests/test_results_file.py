@@ -5,8 +5,11 @@ import logging
 import os
 
 import pytest
+import torch
 
+from semiseg_d2.engine.checkpoint import atomic_torch_save
 from semiseg_d2.engine.cli import main, merge_overrides
+from semiseg_d2.engine.predictor import network_state_dict
 from semiseg_d2.engine.trainer import RESULTS_FILE, split_per_class
 from detectron2.engine import default_argument_parser
 from tests.test_train_e2e import _write_cfg, camvid_semi_cfg
@@ -69,6 +72,20 @@ def test_results_json_and_network_labels_after_training_and_eval_only(tmp_path):
         assert again["networks"][network] == record["networks"][network]
         assert evaluated[network]["sem_seg"]["mIoU"] == pytest.approx(trained[network]["sem_seg"]["mIoU"])
     assert record["networks"]["student"] != record["networks"]["teacher"]  # two networks, two results
+
+    # the exported teacher: refused by the SemiSegmentor config (never a partly random model), evaluated as a Segmentor
+    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    exported = str(tmp_path / "teacher.pth")
+    atomic_torch_save({"model": network_state_dict(ckpt["model"], "teacher")[0]}, exported)
+    with pytest.raises(ValueError, match=r"missing keys.*load it with MODEL.META_ARCHITECTURE Segmentor"):
+        main(_args("--config-file", config, "--eval-only", "MODEL.WEIGHTS", exported, "OUTPUT_DIR", str(eval_dir)))
+    plain_dir = tmp_path / "plain"
+    main(_args("--config-file", config, "--eval-only", "MODEL.WEIGHTS", exported, "OUTPUT_DIR", str(plain_dir),
+               "MODEL.META_ARCHITECTURE", "Segmentor"))
+    plain = _read(plain_dir)
+    assert plain["default_network"] == "segmentor" and list(plain["networks"]) == ["segmentor"]
+    assert plain["networks"]["segmentor"] == record["networks"]["teacher"]
+    assert "copypaste: Task: sem_seg (segmentor, camvid_mini_val)" in _log_text(plain_dir)
 
 
 def test_per_class_split_takes_the_longest_class_name():

@@ -263,11 +263,18 @@ class SemiSegCheckpointer(DetectionCheckpointer):
         if self._strict:
             problems = []
             if incompatible.missing_keys:
-                problems.append(f"missing keys: {incompatible.missing_keys}")
+                problems.append(f"{len(incompatible.missing_keys)} missing keys: {_listing(incompatible.missing_keys)}")
             if incompatible.unexpected_keys:
-                problems.append(f"unexpected keys: {incompatible.unexpected_keys}")
+                problems.append(f"{len(incompatible.unexpected_keys)} unexpected keys: "
+                                f"{_listing(incompatible.unexpected_keys)}")
             if incompatible.incorrect_shapes:
-                problems.append(f"shape mismatches (key, checkpoint, model): {incompatible.incorrect_shapes}")
+                shapes = [f"{k}: {tuple(a)} -> {tuple(b)}" for k, a, b in incompatible.incorrect_shapes]
+                problems.append(f"{len(shapes)} shape mismatches (checkpoint -> model): {_listing(shapes)}")
             if problems:
+                if incompatible.missing_keys and all(
+                    k.startswith(("student.", "teacher.", "terms.")) for k in incompatible.missing_keys
+                ):
+                    problems.append("the model is a SemiSegmentor and the file holds one network (an exported or "
+                                    "supervised Segmentor checkpoint): load it with MODEL.META_ARCHITECTURE Segmentor")
                 raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
         return incompatible

@@ -19,6 +19,7 @@ from ..config import get_semiseg_cfg
 from ..data.datasets import register_folder_datasets_from_cfg
 from ..utils.run_logging import setup_run_logging
 from .checkpoint import SemiSegCheckpointer
+from .predictor import check_weights_file
 from .trainer import SegTrainer, SemiSegTrainer, write_results_file
 
 ConfigFn = Callable[[object], object]
@@ -70,9 +71,13 @@ def main(args, trainer_cls=None, **setup_kwargs):
     if args.eval_only:
         model = trainer_cls.build_model(cfg)
         checkpointer = SemiSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if args.resume and checkpointer.has_checkpoint():
+            weights = checkpointer.get_checkpoint_file()
+        else:
+            weights = cfg.MODEL.WEIGHTS
+            check_weights_file(weights)
+        checkpointer.load(weights, checkpointables=[], strict=True)  # never evaluate a partly random model
         results = trainer_cls.test(cfg, model)
-        weights = checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
         write_results_file(cfg, trainer_cls.results_by_network(results), weights=weights)
         return results
     trainer = trainer_cls(cfg)
