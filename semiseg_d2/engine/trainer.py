@@ -9,7 +9,9 @@ conventions, with these changes:
   and any missing/unexpected key;
 - SGD with backbone/head LR multipliers, parameters a loss term optimises itself left out;
 - ``SemiSegTrainer`` adds the EMA teacher hook, evaluates student and teacher, and runs stateful
-  loss-term updates (memory banks, flows) after each optimizer step.
+  loss-term updates (memory banks, flows) after each optimizer step;
+- MODEL.WEIGHTS must fill the backbone (MODEL.WEIGHTS_REQUIRED_PREFIXES / MODEL.WEIGHTS_NEW_KEYS);
+- every printed evaluation names its network; the last one is written to OUTPUT_DIR/results.json.
 """
 import json
 import logging
