@@ -209,6 +209,13 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.MODEL.FREEZE_BN = False  # keep backbone BN in eval mode (small-batch fine-tuning)
     cfg.MODEL.CHANNELS_LAST = False  # run convolutions in channels_last memory format (GPU speed)
     cfg.MODEL.DEVICE = "cpu"  # detectron2 default is "cuda"; GPU configs set "cuda"
+    # Training from MODEL.WEIGHTS (not --resume): every model key under these prefixes must load from the file with
+    # the model's shape, else training stops naming the keys (engine/checkpoint.py); keys outside them (heads, loss
+    # terms) start from their initialisation when the file lacks them.
+    cfg.MODEL.WEIGHTS_REQUIRED_PREFIXES = ["backbone."]
+    # Regexes (re.match on model keys) of required-prefix keys a config adds on purpose, i.e. that pretrained
+    # weights cannot hold (e.g. an FPN on a pretrained ResNet: projects/SemiInstance); they may be absent.
+    cfg.MODEL.WEIGHTS_NEW_KEYS = []
 
     # DINOv2 ViT backbone (MODEL.BACKBONE.NAME "D2DinoV2", modeling/backbone/dinov2.py; README "Foundation encoders")
     cfg.MODEL.DINOV2 = CN()
@@ -352,7 +359,9 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.LOSSES = ["supervised", "pseudo_label"]  # loss terms from SEMI_LOSS_REGISTRY, in order
     # supervised-only iterations; the teacher is then copied from the student
     declare(cfg, "SEMI.BURN_IN_ITERS", 0, ITERATION)
-    cfg.SEMI.WEIGHTS_FOR_EXPORT = "teacher"  # which network tools/export_model.py writes by default
+    # The network a semi-supervised model predicts with by default: DefaultPredictor / SemiSegPredictor on a trainer
+    # checkpoint, tools/demo.py, tools/export_model.py and results.json's "default_network" ("teacher"/"student").
+    declare(cfg, "SEMI.WEIGHTS_FOR_EXPORT", "teacher", OneOf("teacher", "student"))
     # Where the teacher outputs come from. "ema": the EMA teacher (a frozen copy, eval-mode BN, SEMI.EMA.*).
     # "student" (UniMatch V1): no copy; the student itself without gradient: its weak-view maps are the detached
     # outputs of its train-mode pass over cat(labeled, weak), the mixing partners' maps come from a no-grad

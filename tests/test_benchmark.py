@@ -61,10 +61,14 @@ def _check_breakdown(report):
 
 
 @pytest.mark.parametrize("method", ["supervised", "dgcl", "unimatch"])
-def test_synthetic_report_schema_and_breakdown(tmp_path, method):
+def test_synthetic_report_schema_and_breakdown(tmp_path, method, capsys):
     code, report = _run(tmp_path, ["--config-file", _config(tmp_path, method), "--synthetic", "--iters", "3",
                                    "--warmup", "1", "--device", "cpu"])
     assert code == bench.EXIT_OK
+    progress = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("benchmark: ")]
+    steps = [ln.split(" (")[0] for ln in progress if "ETA" in ln]  # one line per step, as it runs
+    assert steps == ["benchmark: warm-up 1 of 1"] + [f"benchmark: iteration {k} of 3" for k in (1, 2, 3)]
+    assert progress[-1].endswith("ETA 0 s)") and "1 warm-up + 3 measured steps" in " ".join(progress)
     assert TRAIN_KEYS <= set(report), TRAIN_KEYS - set(report)
     assert report["schema"] == bench.SCHEMA and report["status"] == "ok" and report["mode"] == "train"
     assert report["device"]["type"] == "cpu" and "CPU" in report["device"]["name"]
@@ -178,7 +182,8 @@ def test_no_gpu_falls_back_to_cpu_with_a_message(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: auto picks it")
     assert bench.resolve_device("auto").type == "cpu"
-    assert "CPU fallback" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "CPU fallback" in err and bench.CPU_SMALL_SHAPE in err
 
 
 OFFICIAL = os.path.join(REPO, "..", "shared", "bench")

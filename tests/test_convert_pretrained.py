@@ -1,7 +1,9 @@
-"""tools/convert_pretrained.py: torchvision weights reproduce torchvision's ResNet; deep-stem layouts map fully."""
+"""tools/convert_pretrained.py: torchvision weights reproduce torchvision's ResNet; deep-stem layouts map fully;
+training-time loading of the result is strict about the backbone."""
 import importlib.util
 import os
 import pickle
+import types
 
 import pytest
 import torch
@@ -10,8 +12,11 @@ from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
 from detectron2.projects.deeplab import build_resnet_deeplab_backbone
 
+from semiseg_d2.engine.checkpoint import CONVERTER_INFO_KEY
+from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainer
 from semiseg_d2.modeling.backbone import build_semiseg_resnet_backbone
 from tiny import tiny_cfg
 
@@ -158,3 +163,88 @@ def test_unmapped_keys_and_avg_down_are_errors():
     sd["layer2.0.downsample.2.weight"] = sd.pop("layer2.0.downsample.1.weight")
     with pytest.raises(ValueError, match="average-pool shortcut"):
         convert_pretrained.convert_resnet_state_dict(sd)
+
+
+# ---- training-time loading (SegTrainer / SemiSegTrainer.load_initial_weights): the backbone loads completely or
+# training stops naming the keys; heads and terms (not in an ImageNet file) start from their initialisation.
+
+def _model_cfg(stem, stem_out):
+    cfg = _r50_cfg(stem=stem, stem_out=stem_out)
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res4", "res5"]  # what the DeepLabv3+ head reads
+    return cfg
+
+
+def _trainer_stub(cfg):
+    """What load_initial_weights reads of a trainer: its (unwrapped) model and its config."""
+    return types.SimpleNamespace(model=build_model(cfg), cfg=cfg)
+
+
+@pytest.fixture(scope="module")
+def torchvision_pkl(tmp_path_factory):
+    """(path, converted tensors) of a torchvision ResNet-50 through tools/convert_pretrained.py."""
+    torch.manual_seed(0)
+    path, info = _write_pkl(tmp_path_factory.mktemp("tv"), torchvision.models.resnet50(weights=None).state_dict())
+    with open(path, "rb") as f:
+        data = pickle.load(f)
+    assert data[CONVERTER_INFO_KEY] == info  # the converter records the stem it wrote
+    return path, data["model"]
+
+
+def test_torchvision_checkpoint_into_deep_stem_config_stops_naming_the_stem(torchvision_pkl):
+    path, _ = torchvision_pkl
+    stub = _trainer_stub(_model_cfg("deeplab", 128))
+    with pytest.raises(ValueError) as e:
+        SegTrainer.load_initial_weights(stub, path)
+    msg = str(e.value)
+    # 7x7 vs 3x3 conv1, a stem conv2/conv3 the file lacks, res2.0 fed 128 instead of 64 channels
+    assert "backbone.stem.conv1.weight: (64, 3, 7, 7) -> (64, 3, 3, 3)" in msg
+    assert "backbone.stem.conv2.weight" in msg and "backbone.stem.conv3.norm.weight" in msg
+    assert "backbone.res2.0.conv1.weight: (64, 64, 1, 1) -> (64, 128, 1, 1)" in msg
+    assert "the file's ResNet stem is 'basic'" in msg and "MODEL.RESNETS.STEM_TYPE 'deeplab'" in msg
+    assert "MODEL.RESNETS.STEM_TYPE basic" in msg and path in msg
+
+
+def test_torchvision_checkpoint_into_basic_stem_config_loads_every_backbone_tensor(torchvision_pkl):
+    path, weights = torchvision_pkl
+    cfg = _model_cfg("basic", 64)
+    cfg.MODEL.META_ARCHITECTURE = "SemiSegmentor"
+    stub = _trainer_stub(cfg)
+    head_before = {k: v.clone() for k, v in stub.model.student.state_dict().items() if not k.startswith("backbone.")}
+    SemiSegTrainer.load_initial_weights(stub, path)
+    for network in (stub.model.student, stub.model.teacher):  # the teacher starts as the student's copy
+        state = network.state_dict()
+        backbone = sorted(k for k in state if k.startswith("backbone."))
+        assert len(backbone) == len(weights) == 318  # every ResNet-50 tensor of the file (all but fc.*)
+        assert sorted(weights) == backbone
+        for k in backbone:
+            torch.testing.assert_close(state[k], torch.as_tensor(weights[k]), rtol=0, atol=0)
+        for k, v in head_before.items():  # heads are not in the file: their initialisation stays
+            torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+
+
+def test_declared_new_keys_may_be_absent(torchvision_pkl, tmp_path):
+    path, weights = torchvision_pkl
+    weights = dict(weights)
+    cfg = _model_cfg("deeplab", 128)
+    # A config that adds a new stem (and so a new first block) on purpose declares it; the rest must still load.
+    cfg.MODEL.WEIGHTS_NEW_KEYS = [r"backbone\.stem\.", r"backbone\.res2\.0\."]
+    stub = _trainer_stub(cfg)
+    SegTrainer.load_initial_weights(stub, path)
+    state = stub.model.state_dict()
+    torch.testing.assert_close(state["backbone.res5.2.conv3.weight"], torch.as_tensor(weights["backbone.res5.2.conv3.weight"]))
+    # ... but only those: a missing res5 tensor is still an error naming it
+    del weights["backbone.res5.2.conv3.weight"]
+    path = str(tmp_path / "partial.pkl")
+    with open(path, "wb") as f:
+        pickle.dump({"model": weights, "__author__": "test", "matching_heuristics": False}, f)
+    with pytest.raises(ValueError, match=r"1 tensors missing from the file: backbone\.res5\.2\.conv3\.weight"):
+        SegTrainer.load_initial_weights(_trainer_stub(cfg), path)
+
+
+def test_trainer_checkpoint_as_initial_weights_says_so(tmp_path):
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": {"student." + k: v for k, v in model.state_dict().items()}}, path)
+    with pytest.raises(ValueError, match=r"SemiSegmentor trainer checkpoint.*tools/export_model\.py"):
+        SegTrainer.load_initial_weights(_trainer_stub(cfg), str(path))

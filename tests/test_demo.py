@@ -301,3 +301,28 @@ def test_evaluation_resizes_like_the_predictor_and_scores_the_same_predictions(r
     for key, value in predicted.items():
         assert value == pytest.approx(evaluated[key], nan_ok=True), key
     assert evaluated["mIoU"] > 0
+
+
+def test_plain_default_predictor_on_a_trainer_checkpoint_runs_the_default_network(run_files):
+    """detectron2's own DefaultPredictor builds the SemiSegmentor of the config: it predicts with
+    SEMI.WEIGHTS_FOR_EXPORT's network, as tools/demo.py, SemiSegPredictor and export_model.py do."""
+    config, weights, _, _ = run_files
+    image = cv2.imread(FRAME)
+    for network in ("teacher", "student"):
+        ours = _predictor(config, weights, network)(image)["sem_seg"]
+        cfg = demo.setup_cfg(_args(config, weights, [FRAME], "unused", opts=["SEMI.WEIGHTS_FOR_EXPORT", network]))
+        plain = DefaultPredictor(cfg)
+        assert plain.model.eval_network == network
+        torch.testing.assert_close(plain(image)["sem_seg"], ours)
+
+
+def test_run_demo_rows_take_the_sequences_in_turn_spread_over_each():
+    spec = importlib.util.spec_from_file_location(
+        "run_demo", os.path.join(os.path.dirname(__file__), "..", "tools", "run_demo.py"))
+    run_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_demo)
+    records = [{"file_name": f"/d/{seq}_{i:05d}.png"} for seq, n in (("0001TP", 5), ("0016E5", 9)) for i in range(n)]
+    picked = [os.path.basename(r["file_name"]) for r in run_demo.spread_frames(records, 4)]
+    assert picked == ["0001TP_00000.png", "0016E5_00000.png", "0001TP_00004.png", "0016E5_00008.png"]
+    one = [os.path.basename(r["file_name"]) for r in run_demo.spread_frames(records[5:], 3)]  # one sequence
+    assert one == ["0016E5_00000.png", "0016E5_00004.png", "0016E5_00008.png"]

@@ -340,3 +340,25 @@ def test_train_net_on_labeled_and_unlabeled_folders(tmp_path, names):
     assert all(0.0 <= results[n]["sem_seg"]["mIoU"] <= 100.0 for n in results), results
     with open(tmp_path / "out" / "metrics.json") as f:
         assert any("total_loss" in json.loads(line) for line in f)
+
+
+def test_tool_refuses_a_semi_supervised_base_without_unlabeled_images(tmp_path, names, capsys):
+    tool = _load_tool("register_folder")
+    data = tmp_path / "data"
+    _copy_frames([0, 10], str(data / "images"), str(data / "masks"))
+    args = ["--name", "tf_nounl", "--image-dir", str(data / "images"), "--mask-dir", str(data / "masks"),
+            "--classes", *CAMVID_CLASSES]
+    names.append("tf_nounl")
+    semi_path, sup_path = tmp_path / "semi.yaml", tmp_path / "sup.yaml"
+    capsys.readouterr()
+    assert tool.main(args + ["--yaml", str(semi_path), "--base", os.path.join(ROOT, "configs/camvid/demo_semi_cpu.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "is semi-supervised (MODEL.META_ARCHITECTURE SemiSegmentor) and needs unlabeled images" in err
+    assert "--unlabeled-dir" in err and tool.SUPERVISED_BASE_EXAMPLE in err
+    assert not semi_path.exists()
+    # the supervised base it names takes the same folders
+    assert tool.main(args + ["--yaml", str(sup_path), "--base", os.path.join(ROOT, tool.SUPERVISED_BASE_EXAMPLE)]) == 0
+    cfg = get_semiseg_cfg()
+    cfg.merge_from_file(str(sup_path))
+    assert cfg.MODEL.META_ARCHITECTURE == "Segmentor"
+    assert list(cfg.DATASETS.TRAIN) == ["tf_nounl"] and list(cfg.DATASETS.TRAIN_UNLABELED) == []

@@ -30,7 +30,8 @@ def _doc():
 def test_doc_shows_the_example_files_verbatim():
     doc = _doc()
     blocks = re.findall(r"<!-- BEGIN (\S+) -->\n```\w*\n(.*?)```\n<!-- END \1 -->", doc, flags=re.S)
-    assert {path for path, _ in blocks} == {"docs/examples/consistency_term.py", "docs/examples/prob_consistency_camvid.yaml"}
+    assert {path for path, _ in blocks} == {"docs/examples/consistency_term.py", "docs/examples/prob_consistency_camvid.yaml",
+                                            "docs/examples/train_net_my_dataset.py"}
     for path, body in blocks:
         with open(os.path.join(ROOT, path)) as f:
             assert body == f.read(), f"the block of {path} in docs/getting_started.md differs from the file"
@@ -119,3 +120,40 @@ def test_train_net_with_term_trains_the_example_config(tmp_path):
     values = [r["loss_prob_consistency"] for r in rows if "loss_prob_consistency" in r]
     assert values and all(0 < v < float("inf") for v in values), rows
     assert (tmp_path / "model_final.pth").exists()
+
+
+def test_python_registered_dataset_example_registers_through_the_command_line(tmp_path, monkeypatch):
+    """docs/examples/train_net_my_dataset.py: cli(register=...) registers the Python datasets from the merged config,
+    before anything reads them, and a folder without images is named."""
+    import shutil
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    import train_net_my_dataset as example
+    from semiseg_d2.data.datasets import unregister
+    from semiseg_d2.engine.cli import setup
+    from detectron2.engine import default_argument_parser
+    from tests.tiny import BUNDLED_CAMVID
+
+    for split, stems in (("train", ["0001TP_006690", "0001TP_006960"]), ("val", [])):
+        os.makedirs(tmp_path / split / "images")
+        os.makedirs(tmp_path / split / "masks")
+        for stem in stems:
+            shutil.copy(os.path.join(BUNDLED_CAMVID, "train", stem + ".jpg"), tmp_path / split / "images" / f"{stem}.jpg")
+            shutil.copy(os.path.join(BUNDLED_CAMVID, "trainannot", stem + ".png"), tmp_path / split / "masks" / f"{stem}.png")
+    monkeypatch.setenv("MY_DATA", str(tmp_path))
+    config = tmp_path / "my.yaml"
+    config.write_text('_BASE_: "%s"\nDATASETS:\n  TRAIN: ("my_train",)\n  TEST: ("my_val",)\n' % os.path.join(
+        ROOT, "configs", "camvid", "demo_semi_cpu.yaml"))
+    args = default_argument_parser().parse_args(["--config-file", str(config), "OUTPUT_DIR", str(tmp_path / "out")])
+    try:
+        cfg = setup(args, register=(example.register_my_datasets,))
+        assert list(cfg.DATASETS.TRAIN) == ["my_train"]
+        records = DatasetCatalog.get("my_train")
+        assert [r["image_id"] for r in records] == ["0001TP_006690", "0001TP_006960"]
+        assert all(os.path.isfile(r["sem_seg_file_name"]) for r in records)
+        assert MetadataCatalog.get("my_train").stuff_classes == example.CLASSES
+        with pytest.raises(FileNotFoundError, match=r"my_val: no images in .*val.*MY_DATA="):
+            DatasetCatalog.get("my_val")
+    finally:
+        unregister(["my_train", "my_val"])

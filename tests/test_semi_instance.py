@@ -404,3 +404,21 @@ def test_make_splits_coco_mode_writes_plain_id_lists(shapes, tmp_path):
         for n in names:
             DatasetCatalog.remove(n)
             MetadataCatalog.remove(n)
+
+
+def test_train_net_without_coco_names_detectron2_datasets_and_the_layout(tmp_path, monkeypatch):
+    sys.path.insert(0, PROJECT)
+    import train_net  # projects/SemiInstance/train_net.py
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    config = os.path.join(PROJECT, "configs", "coco_10pct_R50_FPN.yaml")
+    with pytest.raises(FileNotFoundError) as e:
+        train_net.cli(["--config-file", config, "OUTPUT_DIR", str(tmp_path / "out")])
+    msg = str(e.value)
+    assert "coco_2017_train_10pct_fold1_labeled" in msg
+    assert os.path.join(str(tmp_path), "coco", "annotations", "instances_train2017.json") in msg
+    assert f"DETECTRON2_DATASETS={tmp_path}" in msg
+    for part in ("coco/train2017/", "coco/semi_splits/{P}pct/fold{F}/labeled.txt", "tools/make_splits.py coco",
+                 "coco/annotations/instances_val2017.json"):
+        assert part in msg
+    assert not (tmp_path / "out" / "model_final.pth").exists()

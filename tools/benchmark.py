@@ -48,6 +48,41 @@ class BenchmarkError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- set-up
+# What a CPU steps through in seconds (README "Benchmarks"): the CPU demo's shape (narrow ResNet-50, 160x224 crops,
+# 4 + 4 images). A GPU recipe stays slow on a CPU even with a small crop: DGCL's kNN over full memory banks alone
+# takes minutes per step there (hence --empty-banks for a look at the rest).
+CPU_SMALL_SHAPE = ("--config-file configs/camvid/demo_semi_cpu.yaml --synthetic --iters 3 --warmup 1; a GPU recipe: "
+                   "add --empty-banks --iters 3 --warmup 1 INPUT.CROP.SIZE \"(128, 128)\"")
+
+
+class Progress:
+    """One stderr line per step (warm-up k of W, iteration k of N, wall time per step, ETA), so a slow run shows it
+    is running. Wall-clock time between steps, for the eye only; the report's timings are measured apart from it."""
+
+    def __init__(self, warmup: int, iters: int, stream=None):
+        self.warmup, self.iters = warmup, iters
+        self.stream = stream if stream is not None else sys.stderr
+        self.start = self.last = None
+
+    def begin(self, what: str) -> None:
+        print(f"benchmark: {what}: {self.warmup} warm-up + {self.iters} measured steps", file=self.stream, flush=True)
+        self.start = self.last = time.perf_counter()
+
+    def step(self, index: int) -> str:
+        """After step ``index`` (0-based, warm-up first); returns the line it printed."""
+        now = time.perf_counter()
+        took, self.last = now - self.last, now
+        done, total = index + 1, self.warmup + self.iters
+        eta = (now - self.start) / done * (total - done)
+        if index < self.warmup:
+            where = f"warm-up {done} of {self.warmup}"
+        else:
+            where = f"iteration {done - self.warmup} of {self.iters}"
+        line = f"benchmark: {where} ({took:.2f} s; ETA {eta:.0f} s)"
+        print(line, file=self.stream, flush=True)
+        return line
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
@@ -89,7 +124,8 @@ def resolve_device(requested: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     print("benchmark: no CUDA GPU available (torch.cuda.is_available() is False); running the CPU fallback. "
-          "CPU times are for development only and are not comparable with the GPU targets.", file=sys.stderr)
+          "CPU times are for development only and are not comparable with the GPU targets. A GPU recipe takes "
+          f"minutes per step on a CPU; for a quick look: {CPU_SMALL_SHAPE}", file=sys.stderr)
     return torch.device("cpu")
 
 
@@ -298,6 +334,9 @@ def run_training(args, cfg, device, start_iter, report, profiler_hook=None):
     """Warm-up + measured steps. Fills ``report``; returns the exit status."""
     from detectron2.utils.events import EventStorage
 
+    progress = Progress(args.warmup, args.iters)
+    print(f"benchmark: building the data ({'synthetic' if args.synthetic else 'training loader'}) and the model of "
+          f"{args.config_file} on {device.type}", file=sys.stderr, flush=True)
     data = SyntheticBatches(cfg) if args.synthetic else build_real_loader(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -317,6 +356,7 @@ def run_training(args, cfg, device, start_iter, report, profiler_hook=None):
             loop.iter = loop.start_iter = start_iter
             loop.max_iter = cfg.SOLVER.MAX_ITER
             loop.before_train()
+            progress.begin(f"training steps from iteration {start_iter}")
             for it in range(start_iter, start_iter + args.warmup + args.iters):
                 loop.iter = it
                 prof.begin_iteration()
@@ -324,6 +364,7 @@ def run_training(args, cfg, device, start_iter, report, profiler_hook=None):
                 loop.run_step()
                 loop.after_step()
                 prof.end_iteration()
+                progress.step(it - start_iter)
     except BaseException as e:
         if not is_oom(e):
             raise

@@ -6,11 +6,13 @@ detectron2 ``.pkl`` that ``cfg.MODEL.WEIGHTS`` loads into semiseg_d2's backbone 
 
 Stems: torchvision 7x7 (``conv1``/``bn1``) -> ``MODEL.RESNETS.STEM_TYPE basic``; the deep 3x(3x3) stems
 (timm ``conv1.0/1/3/4/6`` + ``bn1``, PSPNet ``conv1..3``/``bn1..3``, mmseg ``stem.0/1/3/4/6/7``) ->
-``STEM_TYPE deeplab``; the script prints the STEM_OUT_CHANNELS / DEPTH the weights need. Every source key
-must map (only the ImageNet classifier ``fc.*`` is dropped); ResNet-D average-pool shortcuts (timm
-``*d`` models) are rejected because detectron2's ResNet shortcut is a strided 1x1 conv.
+``STEM_TYPE deeplab``; the script prints the ``KEY VALUE`` overrides (STEM_TYPE, STEM_OUT_CHANNELS, DEPTH) the
+weights need and records them in the .pkl (``semiseg_d2_converter``), so a training run that does not fit names
+the stem the file has. Every source key must map (only the ImageNet classifier ``fc.*`` is dropped); ResNet-D
+average-pool shortcuts (timm ``*d`` models) are rejected because detectron2's ResNet shortcut is a strided 1x1 conv.
 """
 import argparse
+import os
 import pickle
 import re
 import sys
@@ -18,6 +20,10 @@ from typing import Dict, Mapping, Tuple
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from semiseg_d2.engine.checkpoint import CONVERTER_INFO_KEY  # noqa: E402  (the training-time check reads it)
 
 __all__ = ["convert_resnet_state_dict", "load_source_state_dict", "main"]
 
@@ -158,15 +164,24 @@ def main(argv=None) -> Dict[str, object]:
     with open(args.output, "wb") as f:
         pickle.dump(
             {"model": weights, "__author__": f"semiseg_d2 convert_pretrained ({info['layout']})",
-             "matching_heuristics": False},
+             "matching_heuristics": False, CONVERTER_INFO_KEY: info},
             f,
         )
-    print(
-        f"wrote {len(weights)} tensors to {args.output}; config: MODEL.RESNETS.STEM_TYPE {info['stem_type']}, "
-        f"STEM_OUT_CHANNELS {info['stem_out_channels']}, DEPTH {info['depth']}, STRIDE_IN_1X1 False",
-        file=sys.stderr,
-    )
+    print(f"wrote {len(weights)} tensors to {args.output}\n{config_hint(args.output, info)}", file=sys.stderr)
     return info
+
+
+def config_hint(output: str, info: Dict[str, object]) -> str:
+    """The ``KEY VALUE`` overrides a config needs for the converted weights (training checks them)."""
+    pairs = (f"MODEL.WEIGHTS {output} MODEL.RESNETS.STEM_TYPE {info['stem_type']} "
+             f"MODEL.RESNETS.STEM_OUT_CHANNELS {info['stem_out_channels']}")
+    if info["depth"] is not None:
+        pairs += f" MODEL.RESNETS.DEPTH {info['depth']}"
+    note = ""
+    if info["stem_type"] == "basic":
+        note = ("\n(a torchvision 7x7 stem: the shipped configs use the deep stem, STEM_TYPE deeplab with 128 channels, "
+                "so training needs these overrides; without them it stops naming the backbone.stem.* keys)")
+    return f"train with these overrides: {pairs} MODEL.RESNETS.STRIDE_IN_1X1 False{note}"
 
 
 if __name__ == "__main__":

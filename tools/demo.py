@@ -34,6 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import semiseg_d2  # noqa: E402,F401  (first: it filters detectron2's import-time warnings)
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402

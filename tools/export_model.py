@@ -13,6 +13,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import semiseg_d2  # noqa: E402,F401  (first: it filters detectron2's import-time warnings)
+
 import torch  # noqa: E402
 from detectron2.config import CfgNode  # noqa: E402
 

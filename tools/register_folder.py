@@ -150,12 +150,38 @@ def _fmt_names(names: List[str]) -> str:
     return "(" + "".join(f'"{n}", ' for n in names).rstrip(" ") + ")" if names else "()"
 
 
+SUPERVISED_BASE_EXAMPLE = "configs/camvid/supervised_R50_dlv3p_46.yaml"
+
+
+def refuse_unfit_base(base: str, labeled: List[str], unlabeled: List[str]) -> None:
+    """ValueError when the datasets cannot train under ``base``: no labeled set, or a semi-supervised base
+    (MODEL.META_ARCHITECTURE SemiSegmentor) without unlabeled images. Refused, not rewritten: which method trains
+    is the user's choice (a supervised base trains on the labeled set alone)."""
+    from semiseg_d2.config import get_semiseg_cfg
+
+    cfg = get_semiseg_cfg()
+    cfg.merge_from_file(base)
+    if not labeled:
+        raise ValueError(f"--base {base}: no labeled images (--mask-dir, and not --select without_mask): "
+                         "every config trains on a labeled set")
+    if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor" and not unlabeled:
+        raise ValueError(
+            f"--base {base} is semi-supervised (MODEL.META_ARCHITECTURE SemiSegmentor) and needs unlabeled images, "
+            "but none were given (its DATASETS.TRAIN_UNLABELED would be empty): add --unlabeled-dir DIR, or train on "
+            f"the labeled images alone with a supervised base (MODEL.META_ARCHITECTURE Segmentor), e.g. --base "
+            f"{SUPERVISED_BASE_EXAMPLE}; nothing was written"
+        )
+
+
 def config_text(nodes: Dict[str, Dict], args, out_path: Optional[str]) -> str:
-    """YAML for ``nodes``: the DATASETS.FOLDERS snippet with TRAIN/TEST names, or with ``args.base`` a whole config."""
+    """YAML for ``nodes``: the DATASETS.FOLDERS snippet with TRAIN/TEST names, or with ``args.base`` a whole config
+    (refused when the datasets cannot train under the base: :func:`refuse_unfit_base`)."""
     main_labeled = bool(args.mask_dir) and args.select != "without_mask"
     labeled = [args.name] if main_labeled else []
     unlabeled = ([] if main_labeled else [args.name]) + ([args.name + "_unlabeled"] if args.unlabeled_dir else [])
     val = [args.name + "_val"] if args.val_image_dir else []
+    if args.base:
+        refuse_unfit_base(args.base, labeled, unlabeled)
     folders = yaml.dump({"FOLDERS": nodes}, Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=None, width=1000)
     lines = []
     if args.base:

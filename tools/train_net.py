@@ -14,6 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import semiseg_d2  # noqa: E402,F401  (first: it filters detectron2's import-time warnings)
+
 from detectron2.engine import default_argument_parser  # noqa: E402,F401  (tests parse arguments through here)
 
 from semiseg_d2.engine.cli import cli, main, setup  # noqa: E402,F401

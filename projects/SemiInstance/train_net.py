@@ -14,6 +14,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)  # semi_instance
 sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))  # semiseg_d2 from a checkout
 
+import semiseg_d2  # noqa: E402,F401  (first: it filters detectron2's import-time warnings)
+
 from semi_instance import SemiInstanceTrainer, get_semi_instance_cfg  # noqa: E402
 from semi_instance.builtin import register_datasets_for_config  # noqa: E402
 from semiseg_d2.engine.cli import cli as engine_cli  # noqa: E402

@@ -2,8 +2,9 @@
 import logging
 import os
 import random
+import re
 import tempfile
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -115,17 +116,83 @@ def atomic_write_text(text: str, path: str) -> None:
     os.replace(tmp, path)
 
 
+# Where tools/convert_pretrained.py records what it converted (layout, stem_type, stem_out_channels, depth).
+CONVERTER_INFO_KEY = "semiseg_d2_converter"
+
+
+def _is_required(key: str, required_prefixes: Sequence[str], new_keys: Sequence[str]) -> bool:
+    return key.startswith(tuple(required_prefixes)) and not any(re.match(p, key) for p in new_keys)
+
+
+def pretrained_mismatches(
+    incompatible, required_prefixes: Sequence[str], new_keys: Sequence[str] = ()
+) -> Tuple[List[str], List[Tuple[str, tuple, tuple]]]:
+    """``(missing, mis_shaped)`` required model keys of a non-strict load (fvcore ``_IncompatibleKeys``).
+
+    A key is required when it starts with one of ``required_prefixes`` and matches none of the ``new_keys``
+    regexes; ``mis_shaped`` holds ``(key, checkpoint shape, model shape)`` and is not repeated in ``missing``.
+    """
+    shaped = [s for s in incompatible.incorrect_shapes if _is_required(s[0], required_prefixes, new_keys)]
+    skipped = {s[0] for s in incompatible.incorrect_shapes}
+    missing = [
+        k for k in incompatible.missing_keys if k not in skipped and _is_required(k, required_prefixes, new_keys)
+    ]
+    return missing, shaped
+
+
+def _listing(items: Sequence[str], n: int = 8) -> str:
+    more = f", ... ({len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def pretrained_mismatch_message(
+    path: str, missing: Sequence[str], mis_shaped: Sequence[Tuple[str, tuple, tuple]], checkpoint_keys: Sequence[str],
+    converter_info: Optional[Dict] = None, config_stem_type: Optional[str] = None,
+) -> str:
+    """The error for weights that do not fit the model's required (backbone) keys, with the likely fix."""
+    lines = [f"MODEL.WEIGHTS {path} does not fit the model (MODEL.WEIGHTS_REQUIRED_PREFIXES):"]
+    if mis_shaped:
+        shapes = [f"{k}: {tuple(a)} -> {tuple(b)}" for k, a, b in mis_shaped]
+        lines.append(f"  {len(mis_shaped)} tensors of another shape (checkpoint -> model): {_listing(shapes)}")
+    if missing:
+        lines.append(f"  {len(missing)} tensors missing from the file: {_listing(list(missing))}")
+    bad = [k for k in missing] + [k for k, _, _ in mis_shaped]
+    if any(re.search(r"(^|\.)stem\.", k) for k in bad):
+        recorded = (converter_info or {}).get("stem_type")
+        have = f"the file's ResNet stem is '{recorded}' (tools/convert_pretrained.py recorded it)" if recorded else (
+            "the file's ResNet stem is not the config's")
+        lines.append(
+            f"  The stem differs: {have}, the config has MODEL.RESNETS.STEM_TYPE {config_stem_type!r}. Fix: add "
+            "`MODEL.RESNETS.STEM_TYPE basic MODEL.RESNETS.STEM_OUT_CHANNELS 64` for a torchvision (7x7 stem) file, or "
+            "use a deep-stem checkpoint (timm resnet*c, PSPNet deep_base, mmseg v1c) converted with "
+            "tools/convert_pretrained.py, which prints the STEM_TYPE its output needs."
+        )
+    if any(k.startswith(("student.", "teacher.")) for k in checkpoint_keys):
+        lines.append(
+            "  The file is a SemiSegmentor trainer checkpoint (student.* / teacher.* keys): continue its run with "
+            "--resume, or write one network with tools/export_model.py and use that file."
+        )
+    lines.append(
+        "  Layers a config adds on purpose, which no pretrained file holds, are declared in MODEL.WEIGHTS_NEW_KEYS."
+    )
+    return "\n".join(lines)
+
+
 class SemiSegCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer whose files are written atomically and carry the config and RNG states.
 
     ``load(..., strict=True)`` (used when resuming) raises on any missing, unexpected or mis-shaped key
-    instead of detectron2's warning and partial load.
+    instead of detectron2's warning and partial load. :meth:`load_pretrained` (training from MODEL.WEIGHTS)
+    raises when a required key (MODEL.WEIGHTS_REQUIRED_PREFIXES, i.e. the backbone, less MODEL.WEIGHTS_NEW_KEYS)
+    is missing or mis-shaped; other keys (heads, loss terms) may be absent.
     """
 
     def __init__(self, model, save_dir: str = "", *, cfg: CfgNode = None, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.cfg = cfg
         self._strict = False
+        self._pretrained = None  # (path, required_prefixes, new_keys, config stem type) during load_pretrained
+        self.loaded_tensors = None  # model keys the last load filled, set by _load_model
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -177,17 +244,51 @@ class SemiSegCheckpointer(DetectionCheckpointer):
         finally:
             self._strict = False
 
+    def load_pretrained(self, path: str, cfg: CfgNode):
+        """Load initial weights (MODEL.WEIGHTS) under ``cfg``'s MODEL.WEIGHTS_REQUIRED_PREFIXES / NEW_KEYS."""
+        resnets = cfg.MODEL.get("RESNETS", None)
+        self._pretrained = (
+            path, tuple(cfg.MODEL.WEIGHTS_REQUIRED_PREFIXES), tuple(cfg.MODEL.WEIGHTS_NEW_KEYS),
+            resnets.get("STEM_TYPE", None) if resnets is not None else None,
+        )
+        try:
+            ret = self.load(path, checkpointables=[])
+        finally:
+            self._pretrained = None
+        required = [k for k in self.loaded_tensors if k.startswith(tuple(cfg.MODEL.WEIGHTS_REQUIRED_PREFIXES))]
+        logger.info("MODEL.WEIGHTS %s: loaded %d tensors, every required one (%d under %s)", path,
+                    len(self.loaded_tensors), len(required), list(cfg.MODEL.WEIGHTS_REQUIRED_PREFIXES))
+        return ret
+
     def _load_model(self, checkpoint):
+        checkpoint_keys = list(checkpoint.get("model", {}))
+        converter_info = checkpoint.get(CONVERTER_INFO_KEY)
         incompatible = super()._load_model(checkpoint)
+        skipped = set(incompatible.missing_keys) | {s[0] for s in incompatible.incorrect_shapes}
+        self.loaded_tensors = [k for k in self.model.state_dict() if k not in skipped]
+        if self._pretrained is not None:
+            path, required, new, stem_type = self._pretrained
+            missing, mis_shaped = pretrained_mismatches(incompatible, required, new)
+            if missing or mis_shaped:
+                raise ValueError(pretrained_mismatch_message(
+                    path, missing, mis_shaped, checkpoint_keys, converter_info, stem_type
+                ))
         if self._strict:
             problems = []
             if incompatible.missing_keys:
-                problems.append(f"missing keys: {incompatible.missing_keys}")
+                problems.append(f"{len(incompatible.missing_keys)} missing keys: {_listing(incompatible.missing_keys)}")
             if incompatible.unexpected_keys:
-                problems.append(f"unexpected keys: {incompatible.unexpected_keys}")
+                problems.append(f"{len(incompatible.unexpected_keys)} unexpected keys: "
+                                f"{_listing(incompatible.unexpected_keys)}")
             if incompatible.incorrect_shapes:
-                problems.append(f"shape mismatches (key, checkpoint, model): {incompatible.incorrect_shapes}")
+                shapes = [f"{k}: {tuple(a)} -> {tuple(b)}" for k, a, b in incompatible.incorrect_shapes]
+                problems.append(f"{len(shapes)} shape mismatches (checkpoint -> model): {_listing(shapes)}")
             if problems:
+                if incompatible.missing_keys and all(
+                    k.startswith(("student.", "teacher.", "terms.")) for k in incompatible.missing_keys
+                ):
+                    problems.append("the model is a SemiSegmentor and the file holds one network (an exported or "
+                                    "supervised Segmentor checkpoint): load it with MODEL.META_ARCHITECTURE Segmentor")
                 raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
         return incompatible
 

@@ -10,18 +10,24 @@ conventions, with these changes:
 - checkpoints written atomically with RNG states and the config; resuming refuses another config
   and any missing/unexpected key;
 - SGD with backbone/head LR multipliers, parameters a loss term optimises itself left out;
-- ``SemiSegTrainer`` adds the EMA teacher hook (none with ``SEMI.TEACHER_MODE "student"``), evaluates student
-  and teacher, and runs stateful
-  loss-term updates (memory banks, flows) after each optimizer step.
+- ``SemiSegTrainer`` adds the EMA teacher hook (none with ``SEMI.TEACHER_MODE "student"``), evaluates student and teacher, and runs stateful
+  loss-term updates (memory banks, flows) after each optimizer step;
+- MODEL.WEIGHTS must fill the backbone (MODEL.WEIGHTS_REQUIRED_PREFIXES / MODEL.WEIGHTS_NEW_KEYS);
+- every printed evaluation names its network; the last one is written to OUTPUT_DIR/results.json.
 """
+import json
 import logging
+import math
+import os
 import time
 import weakref
 from collections import OrderedDict
+from typing import Dict, Mapping, Optional
 
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
@@ -30,7 +36,7 @@ from detectron2.utils.logger import setup_logger
 from ..config import check_semiseg_config
 from ..data.build import build_sem_seg_test_loader, build_sem_seg_train_loader, build_semi_train_loader
 from ..evaluation import build_sem_seg_evaluator
-from .checkpoint import SemiSegCheckpointer, capture_rng_state, restore_rng_state
+from .checkpoint import SemiSegCheckpointer, atomic_write_text, capture_rng_state, restore_rng_state
 from .hooks import TrainingVisHook, build_ema_hook, unwrap_model
 from .optimizer import build_optimizer
 
@@ -47,6 +53,76 @@ def autocast_dtype(cfg):
     if name not in _AMP_DTYPES:
         raise ValueError(f"SOLVER.AMP.PRECISION: unknown '{name}'; known: {', '.join(_AMP_DTYPES)}")
     return _AMP_DTYPES[name]
+
+
+RESULTS_FILE = "results.json"
+
+
+def log_results_csv(results: Mapping, dataset_name: str, network: str) -> None:
+    """detectron2's ``copypaste:`` lines (summary metrics, no per-class ones), naming the evaluated network."""
+    logger.info("Evaluation results of the %s on %s in csv format:", network, dataset_name)
+    for task, res in results.items():
+        summary = [(k, v) for k, v in res.items() if "-" not in k]
+        logger.info("copypaste: Task: %s (%s, %s)", task, network, dataset_name)
+        logger.info("copypaste: " + ",".join(k for k, _ in summary))
+        logger.info("copypaste: " + ",".join(f"{v:.4f}" for _, v in summary))
+
+
+def _class_names(dataset_name: str):
+    meta = MetadataCatalog.get(dataset_name)
+    return list(meta.get("stuff_classes", None) or meta.get("thing_classes", None) or [])
+
+
+def _finite(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def split_per_class(metrics: Mapping[str, float], classes) -> Dict:
+    """``{"mIoU": .., ..., "per_class": {class: {"IoU": .., "ACC": ..}}}`` from an evaluator's flat
+    ``"<metric>-<class>"`` keys (longest matching class name wins; NaN -> null)."""
+    by_length = sorted(classes, key=len, reverse=True)
+    out, per_class = {}, OrderedDict((c, {}) for c in classes)
+    for key, value in metrics.items():
+        name = next((c for c in by_length if key.endswith("-" + c)), None)
+        if name is None:
+            out[key] = _finite(value)
+        else:
+            per_class[name][key[: -len(name) - 1]] = _finite(value)
+    if any(per_class.values()):
+        out["per_class"] = per_class
+    return out
+
+
+def results_record(cfg, by_network: Mapping) -> Dict:
+    """results.json's content: per network, per dataset, per task the summary metrics and ``per_class``.
+
+    ``by_network``: network name -> its :meth:`SegTrainer.test` results (one TEST dataset's results are not keyed
+    by dataset, detectron2's convention). ``default_network`` is the one predictors, demos and exports use."""
+    default = cfg.SEMI.WEIGHTS_FOR_EXPORT if "SEMI" in cfg else None
+    record = OrderedDict(
+        default_network=default if default in by_network else next(iter(by_network)),
+        datasets=list(cfg.DATASETS.TEST), networks=OrderedDict(),
+    )
+    for network, res in by_network.items():
+        by_dataset = res if len(cfg.DATASETS.TEST) > 1 else {cfg.DATASETS.TEST[0]: res}
+        record["networks"][network] = OrderedDict(
+            (name, {task: split_per_class(m, _class_names(name)) for task, m in by_dataset[name].items()})
+            for name in cfg.DATASETS.TEST
+        )
+    return record
+
+
+def write_results_file(cfg, by_network: Mapping, **extra) -> Optional[str]:
+    """Write results.json (:func:`results_record` + ``extra``) into OUTPUT_DIR on the main process; its path."""
+    if not by_network or not comm.is_main_process() or not cfg.OUTPUT_DIR:
+        return None
+    record = results_record(cfg, by_network)
+    record.update(extra)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    path = os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE)
+    atomic_write_text(json.dumps(record, indent=2) + "\n", path)
+    logger.info("evaluation results of the %s written to %s", " and the ".join(by_network), path)
+    return path
 
 
 class SemiSegTrainLoop(SimpleTrainer):
@@ -227,19 +303,51 @@ class SegTrainer(DefaultTrainer):
         self.data_loader.set_start(self.start_iter)
 
     def load_initial_weights(self, path: str) -> None:
+        """MODEL.WEIGHTS into the network; the backbone must load completely (MODEL.WEIGHTS_REQUIRED_PREFIXES)."""
         if path:
-            SemiSegCheckpointer(unwrap_model(self.model)).load(path, checkpointables=[])
+            SemiSegCheckpointer(unwrap_model(self.model)).load_pretrained(path, self.cfg)
+
+    @staticmethod
+    def results_by_network(results: Mapping) -> Mapping:
+        """:meth:`test`'s results keyed by the evaluated network (results.json's "networks")."""
+        return {"segmentor": results} if results else {}
+
+    def train(self):
+        """detectron2's training; then results.json (the last evaluation) in OUTPUT_DIR; returns those results
+        (None without TEST datasets)."""
+        super().train()
+        results = getattr(self, "_last_eval_results", None)
+        if results:
+            write_results_file(self.cfg, self.results_by_network(results), iteration=self.iter)
+        return results
 
     @classmethod
-    def test(cls, cfg, model, evaluators=None):
-        """detectron2's evaluation, leaving every random generator as it found it: building test loaders draws
-        from the global torch generator, so evaluating mid-training would otherwise change the rest of the run
-        (mixing masks, dropout, samplers) and a run with EVAL_PERIOD would differ from one without."""
+    def test(cls, cfg, model, evaluators=None, network: str = "segmentor"):
+        """detectron2's evaluation (``DefaultTrainer.test``) with the evaluated ``network`` named in the log,
+        leaving every random generator as it found it: building test loaders draws from the global torch
+        generator, so evaluating mid-training would otherwise change the rest of the run (mixing masks, dropout,
+        samplers) and a run with EVAL_PERIOD would differ from one without."""
         state = capture_rng_state()
         try:
-            return super().test(cfg, model, evaluators)
+            return cls._evaluate(cfg, model, evaluators, network)
         finally:
             restore_rng_state(state)
+
+    @classmethod
+    def _evaluate(cls, cfg, model, evaluators, network: str):
+        if isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
+        if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
+            raise ValueError(f"{len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} DATASETS.TEST")
+        results = OrderedDict()
+        for idx, dataset_name in enumerate(cfg.DATASETS.TEST):
+            logger.info("evaluating the %s on %s", network, dataset_name)
+            loader = cls.build_test_loader(cfg, dataset_name)
+            evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, dataset_name)
+            results[dataset_name] = inference_on_dataset(model, loader, evaluator)
+            if comm.is_main_process():
+                log_results_csv(results[dataset_name], dataset_name, network)
+        return list(results.values())[0] if len(results) == 1 else results
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -278,7 +386,7 @@ class SemiSegTrainer(SegTrainer):
         """MODEL.WEIGHTS initialise the student (e.g. ImageNet backbone); the teacher starts as its copy."""
         if path:
             model = unwrap_model(self.model)
-            SemiSegCheckpointer(model.student).load(path, checkpointables=[])
+            SemiSegCheckpointer(model.student).load_pretrained(path, self.cfg)
             if model.teacher is not None:  # SEMI.TEACHER_MODE "student" has none
                 model.teacher.load_state_dict(model.student.state_dict())
 
@@ -297,19 +405,23 @@ class SemiSegTrainer(SegTrainer):
             ret.insert(writer, vis)
         return ret
 
+    @staticmethod
+    def results_by_network(results: Mapping) -> Mapping:
+        return results  # test() keys them by network already
+
     @classmethod
-    def test(cls, cfg, model, evaluators=None):
+    def test(cls, cfg, model, evaluators=None, network: Optional[str] = None):
         """Evaluate the networks named by TEST.EVAL_STUDENT / TEST.EVAL_TEACHER; results keyed by network."""
         module = unwrap_model(model)
         if not hasattr(module, "eval_network"):
-            return super().test(cfg, model, evaluators)
+            return super().test(cfg, model, evaluators, network or "segmentor")
         results = OrderedDict()
         previous = module.eval_network
         try:
-            for network, enabled in (("student", cfg.TEST.EVAL_STUDENT), ("teacher", cfg.TEST.EVAL_TEACHER)):
+            for name, enabled in (("student", cfg.TEST.EVAL_STUDENT), ("teacher", cfg.TEST.EVAL_TEACHER)):
                 if enabled:
-                    module.eval_network = network
-                    results[network] = super().test(cfg, model, evaluators)
+                    module.eval_network = name
+                    results[name] = super().test(cfg, model, evaluators, name)
         finally:
             module.eval_network = previous
         return results

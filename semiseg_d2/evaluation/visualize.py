@@ -1,7 +1,7 @@
 """Small visualisation helpers: colour label maps with a dataset's colours, tile images into a PNG, and the
 training pictures of ``SEMI.VIS_PERIOD`` (:func:`semi_step_pictures`, written by ``TrainingVisHook``)."""
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,8 +18,17 @@ def colorize(label: np.ndarray, meta, ignore_color=(0, 0, 0)) -> np.ndarray:
     return lut[np.clip(np.asarray(label), 0, 255).astype(np.int64)]
 
 
-def save_grid(rows: List[Sequence[np.ndarray]], titles: Sequence[str], path: str, scale: float = 3.0) -> None:
-    """Save ``rows`` of equally sized RGB images (uint8 [H,W,3]) as one PNG with column titles."""
+def class_legend(meta, ignore_color=(0, 0, 0)) -> List[Tuple[str, Tuple[int, int, int]]]:
+    """``(class name, (r, g, b))`` per class of ``meta`` (``stuff_classes`` / ``stuff_colors``) and the colour
+    :func:`colorize` gives ignored pixels, for :func:`save_grid`'s legend."""
+    legend = [(name, tuple(int(v) for v in color)) for name, color in zip(meta.stuff_classes, meta.stuff_colors)]
+    return legend + [("ignore (not scored)", tuple(ignore_color))]
+
+
+def save_grid(rows: List[Sequence[np.ndarray]], titles: Sequence[str], path: str, scale: float = 3.0,
+              legend: Optional[Sequence[Tuple[str, Tuple[int, int, int]]]] = None) -> None:
+    """Save ``rows`` of equally sized RGB images (uint8 [H,W,3]) as one PNG with column titles and, with
+    ``legend`` (:func:`class_legend`), a colour key of the classes below the grid."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +44,15 @@ def save_grid(rows: List[Sequence[np.ndarray]], titles: Sequence[str], path: str
             ax.set_axis_off()
             if r == 0:
                 ax.set_title(titles[c])
-    fig.tight_layout()
+    if legend:
+        from matplotlib.patches import Patch
+
+        handles = [Patch(facecolor=np.asarray(color) / 255.0, edgecolor="black", label=name) for name, color in legend]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 2 * n_cols), frameon=False)
+        rows_of_legend = math.ceil(len(handles) / min(len(handles), 2 * n_cols))
+        fig.tight_layout(rect=(0, 0.35 * rows_of_legend / (scale * n_rows), 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

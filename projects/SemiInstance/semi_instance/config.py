@@ -35,6 +35,8 @@ def add_semi_instance_config(cfg: CN) -> CN:
 
     cfg.MODEL.META_ARCHITECTURE = "SemiRCNN"
     cfg.MODEL.MASK_ON = True
+    # The FPN's layers are new on an ImageNet ResNet (MODEL.WEIGHTS); the ResNet itself must load completely.
+    cfg.MODEL.WEIGHTS_NEW_KEYS = [r"backbone\.fpn_", r"backbone\.top_block\."]
 
     # Engine keys (semiseg_d2/config.py), this project's defaults.
     cfg.SEMI.LOSSES = ["rcnn_supervised", "rcnn_pseudo_label"]  # + "roi_memory_contrast" (Alonso et al. on RoIs)

@@ -127,6 +127,7 @@ class SemiRCNN(TeacherStudent):
         num_classes: int,
         score_threshold: float = 0.7,
         mask_threshold: float = 0.5,
+        eval_network: str = "teacher",
     ):
         if not isinstance(student, GeneralizedRCNN):
             raise TypeError(f"SemiRCNN: the student must be a GeneralizedRCNN, got {type(student).__name__}")
@@ -134,7 +135,7 @@ class SemiRCNN(TeacherStudent):
             raise ValueError("SemiRCNN needs a proposal generator (MODEL.PROPOSAL_GENERATOR.NAME 'RPN')")
         if not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"SEMI_INSTANCE.PSEUDO_SCORE_THRESHOLD must lie in [0, 1], got {score_threshold}")
-        super().__init__(student, terms, max_iter, burn_in_iters)
+        super().__init__(student, terms, max_iter, burn_in_iters, eval_network)
         self.num_classes = int(num_classes)
         self.score_threshold = float(score_threshold)
         self.mask_threshold = float(mask_threshold)
@@ -153,6 +154,7 @@ class SemiRCNN(TeacherStudent):
             num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
             score_threshold=cfg.SEMI_INSTANCE.PSEUDO_SCORE_THRESHOLD,
             mask_threshold=cfg.SEMI_INSTANCE.PSEUDO_MASK_THRESHOLD,
+            eval_network=cfg.SEMI.WEIGHTS_FOR_EXPORT,
         )
 
     @property

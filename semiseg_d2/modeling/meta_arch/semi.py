@@ -100,7 +100,8 @@ def _diagnostics_from_config(cfg) -> Optional[PseudoLabelDiagnostics]:
 
 @META_ARCH_REGISTRY.register()
 class SemiSegmentor(TeacherStudent):
-    """Student + EMA teacher + loss terms. Inference runs ``eval_network`` ("student" or "teacher")."""
+    """Student + EMA teacher + loss terms. Inference runs ``eval_network`` ("student" or "teacher"; default
+    SEMI.WEIGHTS_FOR_EXPORT)."""
 
     @configurable
     def __init__(
@@ -119,10 +120,11 @@ class SemiSegmentor(TeacherStudent):
         teacher_train_mode: bool = False,
         teacher_mode: str = "ema",
         diagnostics: Optional[PseudoLabelDiagnostics] = None,
+        eval_network: str = "teacher",
     ):
         if mix_type not in _MIX_TYPES:
             raise ValueError(f"SEMI.MIX.TYPE: unknown '{mix_type}'; known: {', '.join(_MIX_TYPES)}")
-        super().__init__(student, terms, max_iter, burn_in_iters, teacher_mode)
+        super().__init__(student, terms, max_iter, burn_in_iters, teacher_mode, eval_network)
         self.mix_type = mix_type
         self.mix_prob = mix_prob
         self.cutmix_area = tuple(cutmix_area)
@@ -160,6 +162,7 @@ class SemiSegmentor(TeacherStudent):
             teacher_train_mode=cfg.SEMI.TEACHER_TRAIN_MODE,
             teacher_mode=cfg.SEMI.TEACHER_MODE,
             diagnostics=_diagnostics_from_config(cfg),
+            eval_network=cfg.SEMI.WEIGHTS_FOR_EXPORT,
         )
 
     @property

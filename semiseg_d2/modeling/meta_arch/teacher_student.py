@@ -21,9 +21,8 @@ TEACHER_MODES = ("ema", "student")
 
 
 class TeacherStudent(nn.Module):
-    def __init__(
-        self, student: nn.Module, terms: nn.ModuleDict, max_iter: int, burn_in_iters: int = 0, teacher_mode: str = "ema"
-    ):
+    def __init__(self, student: nn.Module, terms: nn.ModuleDict, max_iter: int, burn_in_iters: int = 0,
+                 teacher_mode: str = "ema", eval_network: str = "teacher"):
         super().__init__()
         if teacher_mode not in TEACHER_MODES:
             raise ValueError(f"SEMI.TEACHER_MODE: unknown {teacher_mode!r}; known: {', '.join(TEACHER_MODES)}")
@@ -37,7 +36,11 @@ class TeacherStudent(nn.Module):
         self.terms = terms
         self.max_iter = int(max_iter)
         self.burn_in_iters = int(burn_in_iters)
-        self.eval_network = "student"
+        if eval_network not in EVAL_NETWORKS:
+            raise ValueError(f"SEMI.WEIGHTS_FOR_EXPORT must be 'student' or 'teacher', got {eval_network!r}")
+        # The network inference runs (SEMI.WEIGHTS_FOR_EXPORT): DefaultPredictor on a trainer checkpoint, demos and
+        # exports all default to it; SemiSegTrainer.test switches it to evaluate both.
+        self.eval_network = eval_network
         self.iteration = 0  # set by the trainer before each step
         self.loss_owner: Dict[str, str] = {}
         self._last_step = None
