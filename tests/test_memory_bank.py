@@ -166,7 +166,7 @@ def test_class_row_blocks_cover_every_row_once_in_single_class_blocks():
             labels[: R // 2] = 1  # one crowded class spanning several blocks
         rows, ok, block_class, slot = class_row_blocks(labels, C, B)
         Bc = max(1, min(B, R))
-        assert rows.shape == ok.shape == (-(-R // Bc) + C, Bc) and block_class.shape == rows.shape[:1]
+        assert rows.shape == ok.shape == ((-(-R // Bc) + C) if R else 0, Bc) and block_class.shape == rows.shape[:1]
         assert torch.equal(torch.sort(rows[ok]).values, torch.arange(R))  # every row exactly once
         if R == 0:
             continue

@@ -205,14 +205,14 @@ def class_row_blocks(labels: torch.Tensor, num_classes: int, block: int):
     Returns:
         rows: [G, B] long into [0, R) (padding entries point at row 0); ok: [G, B] bool (False at padding);
         block_class: [G] long; slot: [R] long, the position of row r in ``rows.view(-1)`` (so a per-block result
-        ``y [G, B, ...]`` is brought back to row order by ``y.flatten(0, 1)[slot]``). G = ceil(R / B) + C, a
-        static bound on the non-empty blocks; class c's rows fill its blocks in their original order.
+        ``y [G, B, ...]`` is brought back to row order by ``y.flatten(0, 1)[slot]``). G = ceil(R / B) + C (0 for
+        R = 0), a static bound on the non-empty blocks; class c's rows fill its blocks in their original order.
     """
     labels = labels.reshape(-1).long()
     R = labels.numel()
     device = labels.device
     B = max(1, min(int(block), R))
-    G = -(-R // B) + num_classes
+    G = -(-R // B) + num_classes if R else 0
     n = torch.bincount(labels, minlength=num_classes)[:num_classes]
     blocks_per_class = torch.div(n + B - 1, B, rounding_mode="floor")
     first_block = blocks_per_class.cumsum(0) - blocks_per_class
