@@ -69,6 +69,19 @@ class TestKnnDensity(unittest.TestCase):
         ref = torch.stack([knn_density(q[c * 3:c * 3 + 3], bank[c, :count[c]], ks) for c in range(C)])
         torch.testing.assert_close(grouped, ref, atol=1e-5, rtol=1e-5)
 
+    def test_grouped_cpu_paths_padded_bank_and_partial_mask(self):
+        """The CPU-only paths of the grouped density: a bank of 1024 <= N < 2048 entries padded for the faster
+        top-k, similarity chunks below max_elements, and the mask applied from the smallest count on."""
+        g = torch.Generator().manual_seed(3)
+        C, N, D, ks = 3, 1100, 8, (8, 16, 32)
+        bank = torch.randn(C, N, D, generator=g)
+        q = torch.randn(C, 5, D, generator=g)
+        for count in (torch.tensor([1100, 1100, 1100]), torch.tensor([1100, 700, 20]), torch.tensor([0, 1100, 31])):
+            ref = torch.stack([knn_density(q[c], bank[c, :count[c]], ks) for c in range(C)])
+            for m in (10 ** 9, 1):
+                torch.testing.assert_close(knn_density_grouped(q, bank, count, ks, max_elements=m), ref,
+                                           atol=1e-6, rtol=0)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -338,3 +338,29 @@ def test_tiny_semi_segmentor_trains_with_dgcl():
     assert seen[0] == 0.0  # empty bank: no class has MIN_FILL entries
     assert seen[-1] > 0  # banks filled after a few updates
     assert int(term.bank.count.max()) > 0
+
+
+def test_projected_rows_equal_the_projection_rows_and_their_gradients():
+    from semiseg_d2.losses.contrastive import ProjectionHead
+
+    torch.manual_seed(0)
+    head = ProjectionHead(6, 8, 5)
+    x = torch.randn(30, 6, requires_grad=True)
+    index = torch.tensor([[3, 7, 7], [0, 29, 11]])
+    full = head(x)
+    (full[index] * torch.arange(6.0).view(2, 3, 1)).sum().backward()
+    want = [x.grad.clone()] + [p.grad.clone() for p in head.parameters()]
+    x.grad = None
+    head.zero_grad()
+    rows = head.project_rows(x)
+    got = rows[index]
+    assert torch.allclose(got, full[index], atol=1e-6)
+    (got * torch.arange(6.0).view(2, 3, 1)).sum().backward()
+    for a, b in zip([x.grad] + [p.grad for p in head.parameters()], want):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not rows.detach()[index].requires_grad
+    frozen = rows.frozen()
+    with torch.no_grad():
+        head.net[-1].weight.add_(1.0)  # an optimizer step after the forward pass
+    assert torch.allclose(frozen[index], full[index], atol=1e-6)
+    assert not torch.allclose(rows.detach()[index], full[index], atol=1e-3)

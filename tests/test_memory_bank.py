@@ -154,3 +154,24 @@ class TestDistributedEnqueue(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def test_class_row_blocks_cover_every_row_once_in_single_class_blocks():
+    from semiseg_d2.layers.memory_bank import class_row_blocks
+
+    g = torch.Generator().manual_seed(0)
+    for R, C, B in [(37, 4, 5), (12, 3, 100), (50, 5, 1), (9, 6, 4), (0, 3, 4)]:
+        labels = torch.randint(0, C, (R,), generator=g)
+        if R:
+            labels[: R // 2] = 1  # one crowded class spanning several blocks
+        rows, ok, block_class, slot = class_row_blocks(labels, C, B)
+        Bc = max(1, min(B, R))
+        assert rows.shape == ok.shape == ((-(-R // Bc) + C) if R else 0, Bc) and block_class.shape == rows.shape[:1]
+        assert torch.equal(torch.sort(rows[ok]).values, torch.arange(R))  # every row exactly once
+        if R == 0:
+            continue
+        assert torch.equal(labels[rows][ok], block_class[:, None].expand_as(rows)[ok])  # one class per block
+        assert torch.equal(rows.view(-1)[slot], torch.arange(R)) and bool(ok.view(-1)[slot].all())
+        for c in range(C):  # a class's rows keep their original order
+            mine = rows[ok][labels[rows][ok] == c]
+            assert torch.equal(mine, torch.sort(mine).values)

@@ -88,6 +88,7 @@ def test_selectors_are_per_class_modules():
         h = (h - sel.norm.running_mean[c]) / torch.sqrt(sel.norm.running_var[c] + 1e-5) * sel.norm.weight[c] + sel.norm.bias[c]
         want = torch.sigmoid(torch.nn.functional.leaky_relu(h, 0.2) @ sel.weight2[c] + sel.bias2[c])
         assert torch.allclose(got[n], want, atol=1e-5)
+    assert sel.score_pixels(x[:0], labels[:0]).shape == (0,)  # no rows (e.g. no confident teacher pixel)
     dense = sel.score_per_class(x[:6].view(3, 2, D), torch.ones(3, 2, dtype=torch.bool))
     assert torch.allclose(dense.view(-1), sel.score_pixels(x[:6], torch.tensor([0, 0, 1, 1, 2, 2])), atol=1e-5)
     sel.train()  # training mode: per-class batch statistics over the valid entries only

@@ -3,7 +3,7 @@ from .density import class_density_blocked, knn_density, knn_density_grouped, kn
 from .distributed import all_gather_variable, gather_for_enqueue
 from .ema import EMA_SCHEDULES, ema_momentum, ema_update_
 from .flow import CouplingFlow, GLOWCoupling, nll_gradient_direction, nonfinite_log_det
-from .memory_bank import ClassMemoryBank, topk_per_class_per_image
+from .memory_bank import ClassMemoryBank, class_row_blocks, topk_per_class_per_image
 
 __all__ = [
     "class_density_blocked",
@@ -11,5 +11,5 @@ __all__ = [
     "all_gather_variable", "gather_for_enqueue",
     "EMA_SCHEDULES", "ema_momentum", "ema_update_",
     "CouplingFlow", "GLOWCoupling", "nll_gradient_direction", "nonfinite_log_det",
-    "ClassMemoryBank", "topk_per_class_per_image",
+    "ClassMemoryBank", "class_row_blocks", "topk_per_class_per_image",
 ]

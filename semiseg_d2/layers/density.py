@@ -15,6 +15,9 @@ from ..utils.dtype import upcast
 
 # Default bound on the number of similarity entries materialised at once (64 MiB in fp32).
 DEFAULT_MAX_ELEMENTS = 2 ** 24
+# On a CPU, similarity chunks are also capped at this many entries (4 MiB in fp32: cache-sized), see _chunk_elements.
+CPU_CHUNK_ELEMENTS = 2 ** 20
+_CPU_PARTIAL_SORT_FACTOR = 64  # aten/src/ATen/native/TopKImpl.h: partial sort when k * 64 <= n
 
 
 def _check_ks(ks: Sequence[int]):
@@ -96,7 +99,8 @@ def knn_density_grouped(
         bank: [C, N, D] float; class c's valid entries are ``bank[c, :bank_count[c]]`` (the layout of
             :class:`ClassMemoryBank`; any order, only the set matters).
         bank_count: [C] long, number of valid entries per class (clipped to N).
-        ks, max_elements: as in :func:`knn_density`; chunks run over P with C * P_chunk * N <= max_elements.
+        ks, max_elements: as in :func:`knn_density`; chunks run over P with C * P_chunk * N <= max_elements
+            (on a CPU also <= CPU_CHUNK_ELEMENTS, see ``_chunk_elements``); results do not depend on the chunks.
     Returns:
         [C, P] fp32. Per class: k > count uses the mean over the ``count`` available entries; count == 0
         gives 0.
@@ -111,18 +115,44 @@ def knn_density_grouped(
         return queries.new_zeros(C, P, dtype=upcast(queries).dtype)
     with torch.autocast(device_type=queries.device.type, enabled=False):
         q = F.normalize(upcast(queries), dim=2)
-        b = F.normalize(upcast(bank), dim=2).transpose(1, 2)  # [C, D, N]
-        count = bank_count.to(device=q.device, dtype=torch.long).clamp(0, N)  # [C]
-        invalid = torch.arange(N, device=q.device) >= count[:, None]  # [C, N]
-        kmax = min(max(ks), N)
-        chunk = max(1, max_elements // (C * N))
-        out = []
-        for start in range(0, P, chunk):
-            sim = torch.bmm(q[:, start:start + chunk], b)  # [C, p, N]
-            sim = sim.masked_fill(invalid[:, None, :], float("-inf"))
-            top = sim.topk(kmax, dim=2, largest=True, sorted=True).values
-            out.append(_mean_of_topk(top, count[:, None], ks))
-        return torch.cat(out, dim=1)
+        b = F.normalize(upcast(bank), dim=2)
+        return _normalized_grouped_density(q, b, bank_count, ks, max_elements)
+
+
+def _chunk_elements(device: torch.device, max_elements: int) -> int:
+    """Similarities materialised at once: ``max_elements`` (a memory bound) on a GPU; on a CPU also at most
+    ``CPU_CHUNK_ELEMENTS``, so that each chunk stays in the cache: a fresh multi-hundred-MB similarity buffer
+    costs page faults and full memory passes (bmm write, mask, top-k read) that exceed its arithmetic."""
+    if device.type == "cpu":
+        return min(int(max_elements), CPU_CHUNK_ELEMENTS)
+    return int(max_elements)
+
+
+def _normalized_grouped_density(
+    q: torch.Tensor, b: torch.Tensor, bank_count: torch.Tensor, ks: Sequence[int], max_elements: int
+) -> torch.Tensor:
+    """knn_density_grouped on L2-normalised fp32 (or float64) inputs: q [G, P, D], b [G, N, D], bank_count [G] -> [G, P]."""
+    G, P, _ = q.shape
+    N = b.shape[1]
+    kmax = min(max(ks), N)
+    if q.device.type == "cpu" and 32 * kmax <= N < _CPU_PARTIAL_SORT_FACTOR * kmax:
+        # ATen's CPU top-k switches to its faster heap (partial-sort) path only from N >= 64 k on; a few padding
+        # entries (invalid, so never counted) get there. Same values: the padding is -inf like any invalid entry.
+        b = F.pad(b, (0, 0, 0, _CPU_PARTIAL_SORT_FACTOR * kmax - N))
+    bt = b.transpose(1, 2)  # [G, D, N']
+    count = bank_count.to(device=q.device, dtype=torch.long).clamp(0, N)  # [G]
+    invalid = torch.arange(bt.shape[2], device=q.device) >= count[:, None]  # [G, N']
+    # Entries before the smallest count are valid in every row: only the columns from there on need the mask.
+    # Reading it is free on a CPU; on a GPU it would be a host sync, so there every column is masked.
+    lo = int(count.min()) if q.device.type == "cpu" and G > 0 else 0
+    chunk = max(1, _chunk_elements(q.device, max_elements) // (G * bt.shape[2]))
+    out = []
+    for start in range(0, P, chunk):
+        sim = torch.bmm(q[:, start:start + chunk], bt)  # [G, p, N'], a fresh buffer: masked in place
+        sim[:, :, lo:].masked_fill_(invalid[:, None, lo:], float("-inf"))
+        top = sim.topk(kmax, dim=2, largest=True, sorted=True).values
+        out.append(_mean_of_topk(top, count[:, None], ks))
+    return torch.cat(out, dim=1)
 
 
 def knn_density_per_class(
@@ -203,11 +233,15 @@ def class_density_blocked(
     G = min(C * nb, -(-P // B) + C)
     blocks = torch.argsort((~nonempty).to(torch.uint8), stable=True)[:G]  # non-empty blocks first
     block_cls = torch.div(blocks, nb, rounding_mode="floor")
-    chunk = max(1, int(max_elements) // (B * N))
-    out = []
-    for start in range(0, G, chunk):
-        sel, cls = blocks[start:start + chunk], block_cls[start:start + chunk]
-        out.append(knn_density_grouped(feats[idx[sel]], bank[cls], bank_count[cls], ks, max_elements))
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        # Normalised once here (row-wise, so the same values as normalising every gathered block).
+        q = F.normalize(upcast(feats), dim=1)
+        b = F.normalize(upcast(bank), dim=2)
+        chunk = max(1, _chunk_elements(feats.device, max_elements) // (B * N))
+        out = []
+        for start in range(0, G, chunk):
+            sel, cls = blocks[start:start + chunk], block_cls[start:start + chunk]
+            out.append(_normalized_grouped_density(q[idx[sel]], b[cls], bank_count[cls], ks, max_elements))
     dens = torch.cat(out)  # [G, B]
     full = dens.new_zeros(C * nb + 1, B)
     dump = torch.full_like(blocks, C * nb)

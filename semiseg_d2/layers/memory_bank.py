@@ -189,3 +189,44 @@ def topk_per_class_per_image(
     keep = torch.zeros(P, dtype=torch.bool, device=scores.device)
     keep[order] = rank < k
     return keep & valid
+
+
+def class_row_blocks(labels: torch.Tensor, num_classes: int, block: int):
+    """Rows grouped by class and cut into fixed-size blocks, each block holding rows of one class only.
+
+    For per-class weights applied to rows (one small matmul per class) without a per-class loop or a host sync:
+    ``x[rows]`` is ``[G, B, D]`` and block g uses class ``block_class[g]``'s weights in one ``bmm``. Costs
+    ``(R + C * B) * D * H`` instead of the ``R * C * D * H`` of applying every class's weights to every row.
+
+    Args:
+        labels: [R] long in [0, C) (the caller clamps or masks other values).
+        num_classes: C.
+        block: B, rows per block (clipped to [1, R]).
+    Returns:
+        rows: [G, B] long into [0, R) (padding entries point at row 0); ok: [G, B] bool (False at padding);
+        block_class: [G] long; slot: [R] long, the position of row r in ``rows.view(-1)`` (so a per-block result
+        ``y [G, B, ...]`` is brought back to row order by ``y.flatten(0, 1)[slot]``). G = ceil(R / B) + C (0 for
+        R = 0), a static bound on the non-empty blocks; class c's rows fill its blocks in their original order.
+    """
+    labels = labels.reshape(-1).long()
+    R = labels.numel()
+    device = labels.device
+    B = max(1, min(int(block), R))
+    G = -(-R // B) + num_classes if R else 0
+    n = torch.bincount(labels, minlength=num_classes)[:num_classes]
+    blocks_per_class = torch.div(n + B - 1, B, rounding_mode="floor")
+    first_block = blocks_per_class.cumsum(0) - blocks_per_class
+    order = torch.argsort(labels, stable=True)
+    cls = labels[order]
+    start = n.cumsum(0) - n
+    rank = torch.arange(R, device=device) - start[cls]
+    slot_sorted = (first_block[cls] + torch.div(rank, B, rounding_mode="floor")) * B + rank % B
+    rows = torch.zeros(G * B, dtype=torch.long, device=device)
+    ok = torch.zeros(G * B, dtype=torch.bool, device=device)
+    rows[slot_sorted] = order
+    ok[slot_sorted] = True
+    block_class = torch.zeros(G, dtype=torch.long, device=device)
+    block_class[torch.div(slot_sorted, B, rounding_mode="floor")] = cls
+    slot = torch.empty(R, dtype=torch.long, device=device)
+    slot[order] = slot_sorted
+    return rows.view(G, B), ok.view(G, B), block_class, slot

@@ -44,6 +44,37 @@ class ProjectionHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def project_rows(self, x: torch.Tensor) -> "ProjectedRows":
+        """Like ``forward(x)``, but the last Linear runs only on the rows read from the result (BN statistics
+        still cover every row of x): for a loss that reads a few thousand of N rows."""
+        last = self.net[-1]
+        return ProjectedRows(self.net[:-1](x), last.weight, last.bias)
+
+
+class ProjectedRows:
+    """Rows of a projection ``[N, out_dim]`` computed on demand: ``rows[index]`` is ``Linear(hidden[index])``, the
+    same values as ``forward(x)[index]`` without the N x out_dim matmul and its backward.
+
+    ``detach()``: rows without gradient; ``frozen()``: detached, with a copy of the last layer's weights, so rows
+    read after an optimizer step still are those of the forward pass (DGCL's bank update).
+    """
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.hidden[index], self.weight, self.bias)
+
+    def detach(self) -> "ProjectedRows":
+        bias = None if self.bias is None else self.bias.detach()
+        return ProjectedRows(self.hidden.detach(), self.weight.detach(), bias)
+
+    def frozen(self) -> "ProjectedRows":
+        rows = self.detach()
+        rows.weight = rows.weight.clone()
+        rows.bias = None if rows.bias is None else rows.bias.clone()
+        return rows
+
 
 def flatten_pixels(x: torch.Tensor) -> torch.Tensor:
     """``[B, D, h, w] -> [B*h*w, D]`` (pixel order b, y, x: the order of ``labels.reshape(-1)``)."""

@@ -182,7 +182,7 @@ class DGCLTerm(SemiLossTerm):
         skip = torch.zeros(num_classes, dtype=torch.bool)
         skip[list(int(c) for c in skip_classes)] = True
         self.register_buffer("skip_mask", skip, persistent=False)
-        self._pending = None  # (step, labels [P], detached projections [P, Dp]) from forward, for update
+        self._pending = None  # (step, labels [P], frozen ProjectedRows [P, Dp]) from forward, for update
 
     @classmethod
     def from_config(cls, cfg):
@@ -264,8 +264,10 @@ class DGCLTerm(SemiLossTerm):
         feats = self._student_features(step)
         labels = self.contrast_labels(step, feats.shape[-2:]).reshape(-1)
         f = flatten_pixels(feats)  # [P, D], gradient to the student through the projection
-        z = self.proj(f)  # [P, Dp]
-        self._pending = (step, labels, z.detach())
+        # Projections of the rows the loss and the bank update read (anchors, positives, negatives, new entries),
+        # not of all P pixels: the projection's last layer and its backward dominated this term.
+        z = self.proj.project_rows(f)
+        self._pending = (step, labels, z.frozen())
         loss, per_class, active = self.loss_from_pixels(f.detach(), z, labels)
         step.log("dgcl/active_classes", active.sum().float())
         step.log("dgcl/bank_fill", self.bank.count.float().mean() / self.bank.size)
@@ -281,7 +283,8 @@ class DGCLTerm(SemiLossTerm):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The DGCL loss on flat pixels against the current bank.
 
-        feats: [P, D] (detached; density only); proj: [P, Dp] (anchors carry its gradient); labels: [P] long.
+        feats: [P, D] (detached; density only); proj: [P, Dp] or :class:`ProjectedRows` (anchors carry its
+        gradient); labels: [P] long.
         Returns (loss scalar, per_class [C], active [C] bool). No host sync.
         """
         C = self.num_classes
@@ -339,8 +342,9 @@ class DGCLTerm(SemiLossTerm):
 
     @torch.no_grad()
     def enqueue_pixels(self, feats: torch.Tensor, proj: torch.Tensor, labels: torch.Tensor, iteration: int) -> None:
-        """feats [P, D], proj [P, Dp], labels [P] long (ignore allowed): sample locally, gather over ranks,
-        sub-sample with a generator seeded by (SEED, iteration) — identical on every rank — and enqueue."""
+        """feats [P, D], proj [P, Dp] (or ProjectedRows), labels [P] long (ignore allowed): sample locally, gather
+        over ranks, sub-sample with a generator seeded by (SEED, iteration) — identical on every rank — and
+        enqueue."""
         C, U = self.num_classes, self.update_per_class
         index, valid = group_pixels_by_class(labels, C, U)  # local pre-selection, fixed size [C, U]
         index, valid = index.reshape(-1), valid.reshape(-1)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..layers.distributed import gather_for_enqueue, sum_over_ranks
 from ..layers.ema import ema_momentum, ema_update_
-from ..layers.memory_bank import ClassMemoryBank, topk_per_class_per_image
+from ..layers.memory_bank import ClassMemoryBank, class_row_blocks, topk_per_class_per_image
 from ..utils.dtype import upcast
 from .contrastive import ProjectionHead, flatten_pixels, resize_labels
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
@@ -89,7 +89,7 @@ class ClassAttentionSelectors(nn.Module):
     (paper Sec. 4.2), stored as ``[C, ...]`` tensors and applied batched over classes.
 
     - :meth:`score_pixels` ``(x [N, D], labels long[N]) -> [N]``: each row through its own class's module
-      (one [N, D] x [D, C*H] matmul, then the row's class slice is gathered: no per-class loop or host sync).
+      (rows grouped into class blocks, one bmm with each block's class weights: no per-class loop or host sync).
     - :meth:`score_per_class` ``(x [C, M, D], valid bool[C, M]) -> [C, M]``: row c through module c (one bmm),
       BN statistics over the valid entries of each class.
     Rows whose label is outside [0, C) are scored with class 0's module and must be masked by the caller.
@@ -115,11 +115,13 @@ class ClassAttentionSelectors(nn.Module):
         return torch.sigmoid((h * self.weight2[labels]).sum(-1) + self.bias2[labels])
 
     def score_pixels(self, x: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        C, D, H = self.weight1.shape
+        C = self.num_classes
         labels = labels.clamp(0, C - 1)
-        w_all = self.weight1.to(x.dtype).permute(1, 0, 2).reshape(D, C * H)
-        h = (x @ w_all).view(-1, C, H)  # every class's first layer; only the row's own class is kept
-        h = h.gather(1, labels[:, None, None].expand(-1, 1, H))[:, 0]
+        # Rows in class blocks, each through its own class's first layer only (one bmm): about 4 blocks per class,
+        # so padding adds at most a quarter of the rows and the gathered weights stay ~4C copies.
+        block = max(64, -(-labels.numel() // (4 * C)))
+        rows, _, block_class, slot = class_row_blocks(labels, C, block)
+        h = torch.bmm(x[rows], self.weight1.to(x.dtype)[block_class]).flatten(0, 1)[slot]
         h = upcast(h) + self.bias1[labels]
         return self._tail(h, labels, mask)
 

@@ -135,7 +135,7 @@ class SemiRCNN(TeacherStudent):
             raise ValueError("SemiRCNN needs a proposal generator (MODEL.PROPOSAL_GENERATOR.NAME 'RPN')")
         if not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"SEMI_INSTANCE.PSEUDO_SCORE_THRESHOLD must lie in [0, 1], got {score_threshold}")
-        super().__init__(student, terms, max_iter, burn_in_iters, eval_network)
+        super().__init__(student, terms, max_iter, burn_in_iters, eval_network=eval_network)
         self.num_classes = int(num_classes)
         self.score_threshold = float(score_threshold)
         self.mask_threshold = float(mask_threshold)
