@@ -317,7 +317,7 @@ class SegTrainer(DefaultTrainer):
         (None without TEST datasets)."""
         super().train()
         results = getattr(self, "_last_eval_results", None)
-        if results:
+        if results and self.cfg.DATASETS.TEST:  # a semi-supervised test() without TEST datasets: empty per network
             write_results_file(self.cfg, self.results_by_network(results), iteration=self.iter)
         return results
 
