@@ -57,7 +57,6 @@ def main(argv=None) -> int:
     import semiseg_d2  # noqa: F401  registers the datasets
     from semiseg_d2.config import get_semiseg_cfg
     from semiseg_d2.data.build import build_sem_seg_train_loader
-    from semiseg_d2.engine.checkpoint import SemiSegCheckpointer
     from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainer
     from detectron2.modeling import build_model
 
@@ -68,7 +67,11 @@ def main(argv=None) -> int:
 
     semi = cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor"
     model = build_model(cfg)
-    SemiSegCheckpointer(model).load(os.path.join(args.run_dir, "model_final.pth"))
+    import torch
+
+    # the run's own trainer checkpoint (as tools/export_model.py reads it)
+    state = torch.load(os.path.join(args.run_dir, "model_final.pth"), map_location="cpu", weights_only=False)["model"]
+    model.load_state_dict(state, strict=True)
     model.eval()
     trainer = SemiSegTrainer if semi else SegTrainer
 
