@@ -30,6 +30,7 @@ TINY = [
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.IMS_PER_BATCH_UNLABELED", "2", "SOLVER.BASE_LR", "0.05",
     "SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.WARMUP_ITERS", "0", "SEMI.BURN_IN_ITERS", "2",
     "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0", "SEMI.PSEUDO_LABEL.THRESHOLD", "0.0",
+    "SEMI.DIAGNOSTICS.ENABLED", "True", "SEMI.DIAGNOSTICS.GT_DATASETS", '("camvid_mini_train",)',
 ]  # fmt: skip
 
 
@@ -271,3 +272,52 @@ def test_a_run_in_several_roots_counts_once_only_if_identical(study, tmp_path):
         f.write("\n")
     with pytest.raises(ValueError, match="mean_teacher/seed0 is complete in several roots"):
         rs.collect_runs([str(tmp_path / "a"), str(tmp_path / "b")], METHODS, SEEDS)
+
+
+def test_pseudo_label_diagnostics_and_teacher_vs_student_are_reported(study):
+    block = rs.read_block(str(study["doc"]))
+    with open(study["runs"] / "mean_teacher" / "seed0" / "metrics.json") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    diag = [r for r in rows if "pl_diag/kept_fraction" in r]
+    assert diag, "SEMI.DIAGNOSTICS logged nothing"
+    final = _final_row(study["runs"] / "mean_teacher" / "seed0")
+    line = next(x for x in block.splitlines() if x.startswith("- `mean_teacher/seed0`: "))
+    assert f"{MAX_ITER}: {final['teacher/sem_seg/mIoU']:.2f} / {final['student/sem_seg/mIoU']:.2f}" in line
+    header, table = _table(study["doc"], "run")
+    row = dict(zip(header, _row(table, "mean_teacher/seed0")))
+    last = lambda k: [r[k] for r in diag if not math.isnan(r[k])][-1]  # noqa: E731
+    assert row["kept fraction"] == f"{100 * last('pl_diag/kept_fraction'):.1f}"
+    assert row["kept accuracy"] == f"{100 * last('pl_diag/kept_accuracy'):.1f}"
+    assert f"]({rs.DIAGNOSTICS_PNG})" in block
+    with Image.open(study["doc"].parent / rs.DIAGNOSTICS_PNG) as im:
+        im.verify()
+
+
+def test_cpu_protocol_is_one_file_on_top_of_every_method(tmp_path):
+    args = rs.parse_args(["--protocol", "cpu", "--schedule-scale", "0.5"])
+    assert (args.output_root, args.results_dir, args.doc, args.seeds) == (
+        os.path.join("output", "camvid_cpu"), os.path.join("docs", "results", "camvid_cpu"),
+        os.path.join("docs", "results", "camvid_cpu.md"), [0, 1, 2])
+    for method in rs.METHODS:
+        overrides = rs.run_overrides(method, 1, "out", args)
+        cfg = rs.load_cfg(rs.method_config(method), overrides)
+        assert cfg.MODEL.DEVICE == "cpu" and not cfg.SOLVER.AMP.ENABLED and tuple(cfg.INPUT.CROP.SIZE) == (160, 224)
+        assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (180, 240)
+        assert cfg.MODEL.RESNETS.STEM_OUT_CHANNELS == 32 and list(cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS) == [16]
+        assert cfg.SOLVER.MAX_ITER == 600  # the scale applies to the protocol's schedule
+        if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor":
+            assert cfg.SEMI.BURN_IN_ITERS == 150
+        assert cfg.SEMI.DIAGNOSTICS.ENABLED and cfg.SEMI.DIAGNOSTICS.GT_DATASETS == ("camvid_train",)
+    gpu = rs.load_cfg(rs.method_config("dgcl"), rs.run_overrides("dgcl", 1, "out", rs.parse_args([])))
+    assert gpu.MODEL.DEVICE == "cuda" and gpu.SOLVER.MAX_ITER == 1000
+
+
+def test_finished_runs_are_kept_without_checkpoints(study, tmp_path):
+    run = study["runs"] / "mean_teacher" / "seed0"
+    assert (run / "model_final.pth").is_file()
+    copied = rs.keep_results(str(study["runs"]), str(tmp_path), "mean_teacher", 0)
+    kept = tmp_path / "mean_teacher" / "seed0"
+    assert not (kept / "model_final.pth").exists()
+    assert (kept / "metrics.json").read_bytes() == (run / "metrics.json").read_bytes()
+    assert len(os.listdir(kept / "predictions")) == 4 and os.path.isfile(tmp_path / "frames" / "frames.json")
+    assert rs.is_complete(str(tmp_path), "mean_teacher", 0) and len(copied) >= 9

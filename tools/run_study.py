@@ -7,6 +7,12 @@ Run the study (each method x seed in its own process; runs whose final metrics e
     python tools/run_study.py --methods supervised_46 dgcl --seeds 0 --time-budget 540 --pack $OUT/part1.tar.gz
     python tools/run_study.py --only dgcl/1 ddfp                # just these runs (method or method/seed)
 
+The CPU protocol (configs/camvid/protocol_cpu.yaml on top of every method's config; `make study-cpu`): runs train
+under output/camvid_cpu, each finished run's metrics files are copied to docs/results/camvid_cpu/<method>/seed<k>/
+(the committed results; runs found there are skipped) and the report is docs/results/camvid_cpu.md:
+
+    python tools/run_study.py --protocol cpu --methods supervised_46 mean_teacher --seeds 0
+
 Only write the report from existing run folders (several roots, e.g. unpacked --pack archives):
 
     python tools/run_study.py --report --runs-root parts/1 parts/2   # -> docs/results/camvid.md + PNGs
@@ -58,10 +64,25 @@ DEFAULT_SEEDS = (0, 1)
 BASELINE = "supervised_46"
 DEFAULT_OUTPUT = os.path.join("output", "camvid_study")
 DEFAULT_DOC = os.path.join("docs", "results", "camvid.md")
+# --protocol: the file merged (as KEY VALUE overrides) on top of every method's config, where runs train, where
+# their metrics files are kept (None: only in the run folders) and the report
+PROTOCOLS = {
+    "gpu": {"file": None, "output": DEFAULT_OUTPUT, "results": None, "doc": DEFAULT_DOC, "seeds": DEFAULT_SEEDS},
+    "cpu": {
+        "file": os.path.join(CONFIG_DIR, "protocol_cpu.yaml"),
+        "output": os.path.join("output", "camvid_cpu"),
+        "results": os.path.join("docs", "results", "camvid_cpu"),
+        "doc": os.path.join("docs", "results", "camvid_cpu.md"),
+        "figures": os.path.join("docs", "results", "camvid_cpu"),
+        "seeds": (0, 1, 2),
+    },
+}
 DOC_BEGIN = "<!-- run_study.py: begin generated results (do not edit by hand) -->"
 DOC_END = "<!-- run_study.py: end generated results -->"
 PREDICTIONS_PNG = "camvid_predictions.png"
 CURVES_PNG = "camvid_curves.png"
+DIAGNOSTICS_PNG = "camvid_pseudo_labels.png"
+DIAG_PREFIX = "pl_diag/"  # SEMI.DIAGNOSTICS rows of metrics.json (semiseg_d2/evaluation/pseudo_label_diagnostics.py)
 EXIT_INCOMPLETE = 3
 # --data mini: the bundled camvid_mini frames stand in for the full dataset (CPU smoke runs, tests)
 MINI_DATASETS = {
@@ -82,12 +103,16 @@ class RunProblem(Exception):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD", help=f"of: {', '.join(METHODS)}")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="gpu", help="gpu: the study configs as they are; "
+                   "cpu: configs/camvid/protocol_cpu.yaml on top (and its output, results and report paths)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 (gpu), 0 1 2 (cpu)")
     p.add_argument("--only", nargs="+", default=None, metavar="METHOD[/SEED]", help="run only these (still reported)")
-    p.add_argument("--output-root", default=DEFAULT_OUTPUT, help="where run folders are written")
+    p.add_argument("--output-root", default=None, help="where run folders are written (default: the protocol's)")
+    p.add_argument("--results-dir", default=None, help="finished runs' metrics files are copied here (default: the "
+                   "protocol's; none for gpu); runs complete here are skipped and the report reads it")
     p.add_argument("--report", action="store_true", help="do not train: write the report from --runs-root")
     p.add_argument("--runs-root", nargs="+", default=None, help="run-folder roots read by the report (default: --output-root)")
-    p.add_argument("--doc", default=DEFAULT_DOC, help="markdown file whose generated block is (re)written")
+    p.add_argument("--doc", default=None, help="markdown file whose generated block is (re)written (default: the protocol's)")
     p.add_argument("--figures-dir", default=None, help="where the PNGs go (default: the doc's folder)")
     p.add_argument("--no-report", action="store_true", help="train only")
     p.add_argument("--pack", default=None, metavar="OUT.tar.gz", help="archive the run folders' metrics (no checkpoints)")
@@ -105,6 +130,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.child:
         return args
+    protocol = PROTOCOLS[args.protocol]
+    args.seeds = args.seeds if args.seeds is not None else list(protocol["seeds"])
+    args.output_root = args.output_root or protocol["output"]
+    args.results_dir = args.results_dir or protocol["results"]
+    args.doc = args.doc or protocol["doc"]
+    args.figures_dir = args.figures_dir or protocol.get("figures")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
@@ -183,27 +214,55 @@ def schedule_overrides(cfg, scale: float) -> List[str]:
     return out
 
 
+def protocol_overrides(protocol_file: Optional[str]) -> List[str]:
+    """The protocol YAML as KEY VALUE pairs (``MODEL.DEVICE cpu ...``), in file order; [] without a file."""
+    if protocol_file is None:
+        return []
+    import yaml
+
+    path = os.path.join(ROOT, protocol_file)
+    with open(path) as f:
+        tree = yaml.safe_load(f)
+    if not isinstance(tree, dict) or "_BASE_" in tree:
+        raise ValueError(f"{protocol_file}: a protocol is a mapping of config keys (no _BASE_)")
+    out = []
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, prefix + key + ".")
+            else:
+                out.extend([prefix + key, value if isinstance(value, str) else str(value)])
+
+    walk(tree, "")
+    return out
+
+
 def data_overrides(cfg, data: str) -> List[str]:
     """KEY VALUE pairs renaming the full-CamVid datasets to the bundled mini ones (``--data mini``)."""
     if data == "full":
         return []
     out = []
-    for key in ("TRAIN", "TRAIN_LABELED", "TRAIN_UNLABELED", "TEST"):
-        names = list(cfg.DATASETS[key])
+    keys = [("DATASETS." + k, cfg.DATASETS[k]) for k in ("TRAIN", "TRAIN_LABELED", "TRAIN_UNLABELED", "TEST")]
+    for key, names in keys + [("SEMI.DIAGNOSTICS.GT_DATASETS", cfg.SEMI.DIAGNOSTICS.GT_DATASETS)]:
+        names = list(names)
         if not names:
             continue
         missing = [n for n in names if n not in MINI_DATASETS]
         if missing:
-            raise ValueError(f"--data mini: DATASETS.{key} names {missing}, which have no camvid_mini equivalent")
-        out += [f"DATASETS.{key}", "(" + "".join(f'"{MINI_DATASETS[n]}", ' for n in names).rstrip(" ") + ")"]
+            raise ValueError(f"--data mini: {key} names {missing}, which have no camvid_mini equivalent")
+        out += [key, "(" + "".join(f'"{MINI_DATASETS[n]}", ' for n in names).rstrip(" ") + ")"]
     return out
 
 
 def run_overrides(method: str, seed: int, out_dir: str, args) -> List[str]:
-    """Every KEY VALUE pair that turns the method's config into this run (recorded in the run's command)."""
-    cfg = load_cfg(method_config(method), [])
+    """Every KEY VALUE pair that turns the method's config into this run (recorded in the run's command): the
+    protocol's keys first, so the schedule scale multiplies the protocol's schedule."""
+    protocol = protocol_overrides(PROTOCOLS[args.protocol]["file"])
+    cfg = load_cfg(method_config(method), protocol)
     return (
         ["SEED", str(seed), "OUTPUT_DIR", out_dir]
+        + protocol
         + data_overrides(cfg, args.data)
         + schedule_overrides(cfg, args.schedule_scale)
         + list(args.opts)
@@ -406,6 +465,9 @@ def load_run(path: str, method: str, seed: int) -> Dict:
         "s_per_iter": seconds_per_iter(rows, summary["burn_in_iters"]),
         "loss_curve": [(r["iteration"], r["total_loss"]) for r in rows if "total_loss" in r],
         "miou_curve": [(r["iteration"], r[prefix + "mIoU"]) for r in rows if prefix + "mIoU" in r],
+        "network_curves": {n: [(r["iteration"], r[f"{n}/sem_seg/mIoU"]) for r in rows if f"{n}/sem_seg/mIoU" in r]
+                           for n in summary.get("networks", []) if n},
+        "diagnostics": [r for r in rows if DIAG_PREFIX + "kept_fraction" in r],
     }
 
 
@@ -550,6 +612,7 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
     for method, row in rows.items():
         cells = [fmt(_finite_mean([r["per_class"][c] for r in row["runs"]])) if row["runs"] else "—" for c in classes]
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    lines += render_diagnostics(runs, methods, seeds, classes, figures.get("diagnostics"))
     if problems:
         lines += ["", f"**Runs missing or failed ({len(problems)})** — not in the means above:", ""]
         lines += [f"- `{run_name(m, s)}`: {reason}" for (m, s), reason in sorted(problems.items())]
@@ -579,6 +642,89 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
         lines += ["", "Study invocations that produced these runs:", "", "```bash", *study_cmds, "```"]
     lines += ["", DOC_END]
     return "\n".join(lines) + "\n"
+
+
+def _last(rows: Sequence[Dict], key: str) -> Optional[float]:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+    return float(values[-1]) if values else None
+
+
+def render_diagnostics(runs: Dict, methods: Sequence[str], seeds: Sequence[int], classes: Sequence[str],
+                       figure: Optional[str]) -> List[str]:
+    """Teacher vs student mIoU at every evaluation and the pseudo-label diagnostics (``SEMI.DIAGNOSTICS``) at the
+    end of each semi-supervised run; [] when no run has either."""
+    semi = [(m, s) for m in methods for s in seeds if (m, s) in runs and len(runs[(m, s)]["network_curves"]) == 2]
+    if not semi:
+        return []
+    lines = ["", "Teacher vs student val mIoU at each evaluation (iteration: teacher / student):", ""]
+    for m, s in semi:
+        curves = runs[(m, s)]["network_curves"]
+        student = dict(curves["student"])
+        cells = [f"{it}: {t:.2f} / {student[it]:.2f}" for it, t in curves["teacher"] if it in student]
+        lines.append(f"- `{run_name(m, s)}`: " + "; ".join(cells))
+    with_diag = [(m, s) for m, s in semi if runs[(m, s)]["diagnostics"]]
+    if not with_diag:
+        return lines
+    lines += [
+        "",
+        "Pseudo-labels against the unlabeled frames' ground truth (`SEMI.DIAGNOSTICS`, never read by a loss), last "
+        f"logged row of each run (ratios over its last `SEMI.DIAGNOSTICS.WINDOW` steps, in %): kept = pixels the "
+        "filter keeps; kept accuracy = pseudo-label right among kept pixels with ground truth; all = the same without "
+        "the filter.",
+        "",
+        "| run | kept fraction | kept accuracy | all-pixel accuracy |",
+        "|---|---|---|---|",
+    ]
+    pct = lambda v: fmt(None if v is None else 100 * v, 1)  # noqa: E731
+    for m, s in with_diag:
+        rows = runs[(m, s)]["diagnostics"]
+        lines.append(f"| `{run_name(m, s)}` | {pct(_last(rows, DIAG_PREFIX + 'kept_fraction'))} | "
+                     f"{pct(_last(rows, DIAG_PREFIX + 'kept_accuracy'))} | {pct(_last(rows, DIAG_PREFIX + 'all_accuracy'))} |")
+    lines += ["", "Per class, last logged row (precision / recall / share of the kept pixels, %):", "",
+              "| run | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    for m, s in with_diag:
+        rows = runs[(m, s)]["diagnostics"]
+        cells = [" / ".join(pct(_last(rows, f"{DIAG_PREFIX}{kind}-{c}")) for kind in ("precision", "recall", "kept_share"))
+                 for c in classes]
+        lines.append(f"| `{run_name(m, s)}` | " + " | ".join(cells) + " |")
+    if figure:
+        lines += ["", f"![pseudo-label diagnostics and teacher vs student]({figure})"]
+    return lines
+
+
+def plot_diagnostics(runs: Dict, path: str) -> bool:
+    """Teacher and student val mIoU, kept fraction and kept / all-pixel accuracy of the pseudo-labels over training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    semi = [(k, r) for k, r in sorted(runs.items()) if len(r["network_curves"]) == 2 or r["diagnostics"]]
+    if not semi:
+        return False
+    fig, (ax_net, ax_kept, ax_acc) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for i, ((m, s), run) in enumerate(semi):
+        color, name = f"C{i}", run_name(m, s)
+        for network, style in (("teacher", "-"), ("student", "--")):
+            if network in run["network_curves"] and run["network_curves"][network]:
+                ax_net.plot(*zip(*run["network_curves"][network]), style, color=color, marker="o", ms=3,
+                            label=f"{name} {network}")
+        rows = run["diagnostics"]
+        if rows:
+            its = [r["iteration"] for r in rows]
+            ax_kept.plot(its, [r[DIAG_PREFIX + "kept_fraction"] for r in rows], color=color, label=name)
+            ax_acc.plot(its, [r[DIAG_PREFIX + "kept_accuracy"] for r in rows], "-", color=color, label=f"{name} kept")
+            ax_acc.plot(its, [r[DIAG_PREFIX + "all_accuracy"] for r in rows], ":", color=color, label=f"{name} all")
+    ax_net.set(xlabel="iteration", ylabel="val mIoU (%)", title="teacher (solid) vs student (dashed)")
+    ax_kept.set(xlabel="iteration", ylabel="fraction", title="kept fraction of the pseudo-label pixels")
+    ax_acc.set(xlabel="iteration", ylabel="accuracy", title="pseudo-label accuracy: kept (solid), all (dotted)")
+    for ax in (ax_net, ax_kept, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
 
 
 def write_doc(doc: str, block: str) -> None:
@@ -679,11 +825,15 @@ def report(roots: Sequence[str], methods: Sequence[str], seeds: Sequence[int], d
     figures_dir = figures_dir or os.path.dirname(os.path.abspath(doc))
     os.makedirs(figures_dir, exist_ok=True)
     pred_png, curves_png = os.path.join(figures_dir, PREDICTIONS_PNG), os.path.join(figures_dir, CURVES_PNG)
+    diag_png = os.path.join(figures_dir, DIAGNOSTICS_PNG)
+    diag = False
     if runs:
         plot_predictions(runs, methods, seeds, roots, pred_png)
         plot_curves(runs, methods, curves_png)
+        diag = plot_diagnostics(runs, diag_png)
     doc_dir = os.path.dirname(os.path.abspath(doc))
-    figures = {"predictions": os.path.relpath(pred_png, doc_dir), "curves": os.path.relpath(curves_png, doc_dir)}
+    figures = {"predictions": os.path.relpath(pred_png, doc_dir), "curves": os.path.relpath(curves_png, doc_dir),
+               "diagnostics": os.path.relpath(diag_png, doc_dir) if diag else None}
     write_doc(doc, render_block(runs, problems, methods, seeds, figures))
     print(f"[run_study] report: {len(runs)} of {len(methods) * len(seeds)} runs -> {doc}")
     for (m, s), reason in sorted(problems.items()):
@@ -729,6 +879,30 @@ def is_complete(root: str, method: str, seed: int) -> bool:
         return False
 
 
+def keep_results(root: str, results_dir: str, method: str, seed: int) -> List[str]:
+    """Copy a finished run's --pack files (metrics, config, logs, prediction PNGs; no checkpoints) and the study's
+    frames/ from ``root`` to the same places under ``results_dir``; returns the copied paths."""
+    copied = []
+    pairs = [(os.path.join(root, "frames"), os.path.join(results_dir, "frames"), lambda n: True),
+             (run_dir(root, method, seed), run_dir(results_dir, method, seed), lambda n: n in PACKED_FILES),
+             (os.path.join(run_dir(root, method, seed), "predictions"),
+              os.path.join(run_dir(results_dir, method, seed), "predictions"), lambda n: n.endswith(".png"))]
+    for src, dst, keep in pairs:
+        if not os.path.isdir(src):
+            continue
+        os.makedirs(dst, exist_ok=True)
+        for name in sorted(os.listdir(src)):
+            if keep(name) and os.path.isfile(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+                copied.append(os.path.join(dst, name))
+    return copied
+
+
+def report_roots(args) -> List[str]:
+    """Where the report reads runs: --runs-root, else the results dir (when the protocol keeps one), else the output."""
+    return args.runs_root or [args.results_dir or args.output_root]
+
+
 def _known_duration(root: str, method: str, seeds: Sequence[int], done_walls: Dict[str, List[float]]) -> Optional[float]:
     walls = list(done_walls.get(method, []))
     for s in seeds:
@@ -761,7 +935,7 @@ def run_study(args) -> int:
         raise ValueError(f"the methods evaluate on different datasets {sorted(map(str, test_sets))}; the table needs one")
     todo = []
     for job in jobs:
-        if is_complete(root, job[0], job[1]):
+        if is_complete(root, job[0], job[1]) or (args.results_dir and is_complete(args.results_dir, job[0], job[1])):
             print(f"[run_study] {run_name(job[0], job[1])}: complete, skipped")
         else:
             todo.append(job)
@@ -821,12 +995,15 @@ def run_study(args) -> int:
             if proc.returncode == 0 and is_complete(root, job[0], job[1]):
                 done_walls.setdefault(job[0], []).append(time.monotonic() - t0)
                 print(f"[run_study] {name}: done in {time.monotonic() - t0:.0f} s")
+                if args.results_dir:
+                    keep_results(root, args.results_dir, job[0], job[1])
+                    print(f"[run_study] {name}: metrics files kept in {run_dir(args.results_dir, job[0], job[1])}")
             else:
                 failed.append((job[0], job[1], f"exit status {proc.returncode}"))
                 print(f"[run_study] {name}: FAILED (exit status {proc.returncode}); see {job[2]}/child.log", file=sys.stderr)
     status = EXIT_INCOMPLETE if failed else 0
     if not args.no_report:
-        status = max(status, report([root], args.methods, args.seeds, args.doc, args.figures_dir))
+        status = max(status, report(report_roots(args), args.methods, args.seeds, args.doc, args.figures_dir))
     if args.pack:
         pack([root], args.pack)
     return status
@@ -839,9 +1016,9 @@ def main(argv=None) -> int:
     import semiseg_d2  # noqa: F401  registers the datasets
 
     if args.report:
-        status = report(args.runs_root or [args.output_root], args.methods, args.seeds, args.doc, args.figures_dir)
+        status = report(report_roots(args), args.methods, args.seeds, args.doc, args.figures_dir)
         if args.pack:
-            pack(args.runs_root or [args.output_root], args.pack)
+            pack(report_roots(args), args.pack)
         return status
     return run_study(args)
 
