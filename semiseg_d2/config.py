@@ -120,6 +120,7 @@ PERCENT = Range(0, 100)
 ITERATION = Range(0, "SOLVER.MAX_ITER")  # an iteration of the run
 
 SCHEMA: Dict[str, Check] = {}  # dotted key -> its check, filled by declare() (add_semiseg_config and projects)
+_DECLARED_HERE = False  # add_semiseg_config's declare()s ran in this process
 
 
 def lookup(cfg: CN, key: str):
@@ -157,16 +158,18 @@ def range_errors(cfg: CN, keys: Optional[Sequence[str]] = None) -> List[str]:
     term that ``SEMI.LOSSES`` does not list are skipped."""
     from .losses.registry import SEMI_LOSS_REGISTRY  # noqa: PLC0415  the registry imports modules that import this one
 
+    if not _DECLARED_HERE:
+        get_semiseg_cfg()  # a process given a pickled config (DDP spawn) never ran add_semiseg_config's declare()s
     term_names = [name.lower() for name, _ in SEMI_LOSS_REGISTRY]
     errors = []
-    for key in keys if keys is not None else SCHEMA:
+    for key in keys if keys is not None else list(SCHEMA):
+        check = SCHEMA.get(key)
         try:
             value = lookup(cfg, key)
         except KeyError:
             continue  # declared by a project whose keys this config does not have
-        if _inactive_term(cfg, key, term_names):
+        if check is None or _inactive_term(cfg, key, term_names):
             continue
-        check = SCHEMA[key]
         problem = check.problem(value, cfg)
         if problem is not None:
             errors.append(f"{key} = {value!r}: {problem}; allowed: {check.describe(cfg)}")
@@ -549,6 +552,8 @@ def add_semiseg_config(cfg: CN) -> CN:
     cfg.SEMI.CLASS_BALANCE.FROM_PSEUDO_LABELS = True  # also count the teacher's pseudo-labels (paper: yes)
     # weights are 1 before this iteration (counting starts at once)
     declare(cfg, "SEMI.CLASS_BALANCE.START_ITER", 0, ITERATION)
+    global _DECLARED_HERE
+    _DECLARED_HERE = True
     return cfg
 
 

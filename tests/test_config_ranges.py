@@ -129,3 +129,14 @@ def test_declare_sets_the_default_and_refuses_one_outside_its_range():
     finally:
         SCHEMA.clear()
         SCHEMA.update(before)
+
+
+def test_a_process_that_never_built_a_config_still_checks(monkeypatch):
+    """DDP spawn hands workers a pickled config: add_semiseg_config's declare()s never ran there."""
+    import semiseg_d2.config as config
+
+    cfg = apply_overrides(get_semiseg_cfg(), {"SEMI.PSEUDO_LABEL.THRESHOLD": 1.5})
+    monkeypatch.setattr(config, "SCHEMA", {})
+    monkeypatch.setattr(config, "_DECLARED_HERE", False)
+    with pytest.raises(ValueError, match=r"SEMI.PSEUDO_LABEL.THRESHOLD = 1.5: out of range"):
+        config.check_semiseg_config(cfg)
