@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
     p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
     if not os.path.basename(p).startswith("Base-") and "_base" not in os.path.basename(p).lower()
+    and not os.path.basename(p).startswith("protocol_")  # study protocols: key overrides merged on a config
 )
 
 

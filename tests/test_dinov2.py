@@ -233,10 +233,13 @@ def test_adamw_groups_are_unimatch_v2s():
 
 def test_optimizer_name_is_checked_and_sgd_stays_the_default():
     cfg = tiny_vit_cfg(**{"SOLVER.OPTIMIZER": "SGD"})
-    assert isinstance(build_optimizer(cfg, Segmentor(cfg)), torch.optim.SGD)
+    model = Segmentor(cfg)
+    assert isinstance(build_optimizer(cfg, model), torch.optim.SGD)
     cfg.SOLVER.OPTIMIZER = "Adam"
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER: unknown 'Adam'"):
-        build_optimizer(cfg, Segmentor(cfg))
+        build_optimizer(cfg, model)
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER = 'Adam': unknown value"):  # the start-up range check
+        Segmentor(cfg)
 
 
 # ------------------------------------------------------------------ the methods on ViT + DPT

@@ -156,7 +156,7 @@ def test_output_stride_sets_feature_strides_and_dilations():
 
 
 def test_config_errors_name_key_value_and_options():
-    with pytest.raises(ValueError, match=r"MODEL\.RESNETS\.OUTPUT_STRIDE.*32.*\[8, 16\]"):
+    with pytest.raises(ValueError, match=r"MODEL\.RESNETS\.OUTPUT_STRIDE = 32.*one of 8, 16"):
         _model(output_stride=32)
     with pytest.raises(KeyError, match=r"MODEL\.SEM_SEG_HEAD\.NAME.*'DeepLabV3PlusFeatHaed'.*DeepLabV2Head.*DeepLabV3PlusFeatHead"):
         _model(head="DeepLabV3PlusFeatHaed")

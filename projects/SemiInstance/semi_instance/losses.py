@@ -109,6 +109,9 @@ class RoIMemoryContrastTerm(MemoryContrastTerm):
         return dict(
             cls.shared_kwargs(cfg, cfg.MODEL.ROI_HEADS.NUM_CLASSES, feature_dim, source, k),
             bank_from_pseudo=cfg.SEMI_INSTANCE.BANK_FROM_PSEUDO,
+            # rows are boxes, not pixels: batch norm over them (MODEL.SEM_SEG_HEAD.NORM is detectron2's "GN" in an
+            # R-CNN config, and GroupNorm of 32 groups fails on one box), synced when the backbone is
+            norm="SyncBN" if cfg.MODEL.RESNETS.NORM == "SyncBN" else "BN",
         )
 
     def _foreground(self, step: InstanceStep, part: RCNNPass) -> Tuple[torch.Tensor, torch.Tensor]:
