@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -112,15 +111,13 @@ def test_exact_resume_after_kill(tmp_path):
     ref = subprocess.run(_train_cmd(ref_cfg), env=_env(), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
-    # Interrupted run: SIGKILL as soon as the checkpoint of iteration n-1 is on disk.
-    proc = subprocess.Popen(_train_cmd(run_cfg), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Interrupted run: killed (SIGKILL) by a hook right after iteration n-1, whose checkpoint is then on disk.
+    killer = os.path.join(ROOT, "tests", "train_until_killed.py")
+    proc = subprocess.run([sys.executable, killer, "--kill-after", str(n - 1), "--config-file", run_cfg],
+                          env=_env(), capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     ckpt = run_dir / f"model_{n - 1:07d}.pth"
-    deadline = time.time() + 300
-    while not (run_dir / "last_checkpoint").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert (run_dir / "last_checkpoint").read_text().strip() == ckpt.name
     assert ckpt.exists() and not (run_dir / "model_final.pth").exists()
 
     # Resume with 0 workers (the stream does not depend on the worker count).
