@@ -124,7 +124,7 @@ class SemiSegmentor(TeacherStudent):
         diagnostics: Optional[PseudoLabelDiagnostics] = None,
         eval_network: str = "teacher",
         vis_period: int = 0,
-        vis_metadata=None,
+        vis_dataset: Optional[str] = None,
         vis_images: int = 2,
         vis_max_size: int = 320,
     ):
@@ -150,14 +150,10 @@ class SemiSegmentor(TeacherStudent):
             raise ValueError(f"SEMI.VIS_PERIOD must be >= 0 (0 = off), got {vis_period}")
         if vis_images < 1:
             raise ValueError(f"SemiSegmentor: vis_images must be >= 1, got {vis_images}")
-        if vis_period > 0 and not (vis_metadata is not None and vis_metadata.get("stuff_colors")):
-            name = getattr(vis_metadata, "name", None)
-            raise ValueError(
-                f"SEMI.VIS_PERIOD={vis_period} colours label maps with MetadataCatalog.get('{name}')"
-                ".stuff_colors, which is not set: set it when registering the dataset, or SEMI.VIS_PERIOD 0"
-            )
         self.vis_period = vis_period  # SEMI.VIS_PERIOD: pictures from forward every N iterations (0 = off)
-        self.vis_metadata = vis_metadata  # the labeled training set's metadata (stuff_colors)
+        # The labeled training set whose stuff_colors the pictures use, looked up when a picture is drawn: building
+        # the model for inference needs no registered training set.
+        self.vis_dataset = vis_dataset
         self.vis_images = vis_images  # images per part shown
         self.vis_max_size = vis_max_size  # longer side of a panel, larger crops are shrunk
 
@@ -182,8 +178,7 @@ class SemiSegmentor(TeacherStudent):
             diagnostics=_diagnostics_from_config(cfg),
             eval_network=cfg.SEMI.WEIGHTS_FOR_EXPORT,
             vis_period=cfg.SEMI.VIS_PERIOD,
-            vis_metadata=MetadataCatalog.get((cfg.DATASETS.TRAIN_LABELED or cfg.DATASETS.TRAIN)[0])
-            if cfg.SEMI.VIS_PERIOD > 0 else None,
+            vis_dataset=next(iter(cfg.DATASETS.TRAIN_LABELED or cfg.DATASETS.TRAIN), None),
         )
 
     @property
@@ -217,9 +212,16 @@ class SemiSegmentor(TeacherStudent):
     def visualize_training(self, step: SemiStep) -> None:
         """Put the pictures of ``step`` (:func:`semi_step_pictures` of :meth:`vis_summary`: tags ``semi/labeled``,
         and after burn-in ``semi/pseudo_label`` and ``semi/strong``) into the event storage as ``uint8 [3,H,W]``."""
+        meta = MetadataCatalog.get(self.vis_dataset) if self.vis_dataset else None
+        if meta is None or not meta.get("stuff_colors"):
+            raise ValueError(
+                f"SEMI.VIS_PERIOD={self.vis_period} colours label maps with the stuff_colors of the first labeled "
+                f"training set, MetadataCatalog.get({self.vis_dataset!r}), which has none: set them when registering "
+                "the dataset, or SEMI.VIS_PERIOD 0"
+            )
         storage = get_event_storage()
         record = self.vis_summary(step, self.vis_images)
-        for tag, picture in semi_step_pictures(record, self.vis_metadata, self.vis_max_size).items():
+        for tag, picture in semi_step_pictures(record, meta, self.vis_max_size).items():
             storage.put_image(tag, picture.transpose(2, 0, 1))
 
     @torch.no_grad()
