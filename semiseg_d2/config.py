@@ -400,7 +400,9 @@ def add_semiseg_config(cfg: CN) -> CN:
     # teacher forward with train-mode BN (batch statistics over cat(weak unlabeled, labeled), dropout on; running
     # statistics untouched) as the official DGCL / DDFP codes (True), or eval-mode BN (False: ours, the EMA's statistics)
     cfg.SEMI.TEACHER_TRAIN_MODE = False
-    declare(cfg, "SEMI.VIS_PERIOD", 0, NON_NEGATIVE)  # TensorBoard images every N iterations (0 = off)
+    # TensorBoard images of the step, put by SemiSegmentor.forward every N iterations (0 = off), detectron2's VIS_PERIOD
+    # convention (it % N == 0) under its own name: VIS_PERIOD drives GeneralizedRCNN's proposal pictures
+    declare(cfg, "SEMI.VIS_PERIOD", 0, NON_NEGATIVE)
     cfg.SEMI.NONFINITE_CHECK = True  # stop on NaN/inf loss naming the iteration and the term
 
     # supervised term: CE/OHEM on labeled pixels (+ aux head), as in MODEL.SEM_SEG_HEAD.LOSS_*

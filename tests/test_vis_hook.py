@@ -1,20 +1,23 @@
-"""SEMI.VIS_PERIOD: TensorBoard pictures of the semi-supervised step (TrainingVisHook + SemiSegmentor.vis_summary)."""
+"""SEMI.VIS_PERIOD: TensorBoard pictures of the semi-supervised step, put into the event storage by
+SemiSegmentor.forward (``visualize_training``, as detectron2's GeneralizedRCNN) and written by TensorboardXWriter."""
 import glob
 import io
+import os
+import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.data import MetadataCatalog
-from detectron2.engine import HookBase
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from semiseg_d2.engine.hooks import TrainingVisHook
 from semiseg_d2.engine.trainer import SemiSegTrainer
-from semiseg_d2.evaluation.visualize import CAPTION_HEIGHT, PANEL_GAP, colorize, semi_step_pictures
 from semiseg_d2.losses.pseudo_label import entropy_keep_mask
+from semiseg_d2.utils.visualizer import CAPTION_HEIGHT, PANEL_GAP, colorize, semi_step_pictures
 from tests.tiny import apply_overrides, fake_batch, semi_cfg, tiny_cfg
 
 CROP = (64, 96)
@@ -37,25 +40,23 @@ def camvid_cfg(out_dir, **extra):
     return apply_overrides(cfg, extra)
 
 
-class RecordProbe(HookBase):
-    """Sees the model's vis_record right after run_step (placed before every other hook)."""
+class RecordingStorage(EventStorage):
+    """An EventStorage that also keeps every ``put_image`` call: ``images`` = [(iteration, tag, uint8 [3,H,W])]."""
 
-    def __init__(self):
-        self.seen = {}
+    def __init__(self, start_iter=0):
+        super().__init__(start_iter)
+        self.images = []
 
-    def after_step(self):
-        model = self.trainer.model
-        self.seen[self.trainer.iter] = (model.vis_record is not None, model.keep_vis)
+    def put_image(self, img_name, img_tensor):
+        self.images.append((self.iter, img_name, img_tensor))
+        super().put_image(img_name, img_tensor)
 
 
 def _train(out_dir, **extra):
     trainer = SemiSegTrainer(camvid_cfg(out_dir, **extra))
-    probe = RecordProbe()
-    probe.trainer = trainer
-    trainer._hooks.insert(0, probe)
     trainer.resume_or_load(resume=False)
     trainer.train()
-    return trainer, probe
+    return trainer
 
 
 def _images(out_dir):
@@ -72,15 +73,11 @@ def _panel(picture, row, col, h, w):
 
 
 def test_pictures_are_written_at_the_vis_period(tmp_path):
-    trainer, probe = _train(tmp_path, **{"SEMI.VIS_PERIOD": 2})
-    assert any(isinstance(h, TrainingVisHook) for h in trainer._hooks)
-    # A record exists only right after the steps a picture is due (0, 2, 4), and is taken by the hook.
-    assert probe.seen == {0: (True, 2), 1: (False, 0), 2: (True, 2), 3: (False, 0), 4: (True, 2)}
-    assert trainer.model.vis_record is None and trainer.model.keep_vis == 0
-
+    _train(tmp_path, **{"SEMI.VIS_PERIOD": 2})
     images = _images(tmp_path)
     steps = {tag: [e.step for e in events] for tag, events in images.items()}
-    # Burn-in (iterations 0, 1) has only the labeled picture.
+    # Put by forward on the iterations a picture is due (0, 2, 4: the event step is the storage's iteration at
+    # put_image); burn-in (iterations 0, 1) has only the labeled picture.
     assert steps == {"semi/labeled": [0, 2, 4], "semi/pseudo_label": [2, 4], "semi/strong": [2, 4]}
 
     h, w = CROP
@@ -99,32 +96,42 @@ def test_pictures_are_written_at_the_vis_period(tmp_path):
                 assert set(np.unique(kept)) <= {0, 255} and (kept == 255).mean() > 0.5
 
 
-def test_vis_period_zero_writes_no_picture_and_keeps_no_record(tmp_path):
-    trainer, probe = _train(tmp_path, **{"SEMI.VIS_PERIOD": 0, "SOLVER.MAX_ITER": 3})
-    assert not any(isinstance(h, TrainingVisHook) for h in trainer._hooks)
-    assert probe.seen == {0: (False, 0), 1: (False, 0), 2: (False, 0)}
+def test_vis_period_zero_writes_no_picture(tmp_path):
+    _train(tmp_path, **{"SEMI.VIS_PERIOD": 0, "SOLVER.MAX_ITER": 3})
     assert _images(tmp_path) == {}
 
 
-def test_kept_panel_is_the_pseudo_label_terms_mask():
+def test_forward_puts_pictures_of_its_step():
     """Controlled step: batch-wide entropy filter (its mask depends on all images, not only those shown),
-    every strong view mixed. The pictures must show exactly the term's mask, the mixed views and targets."""
+    every strong view mixed. The pictures forward puts must show exactly the inputs, the term's mask, the mixed
+    views and targets, and the student's predictions."""
     cfg = semi_cfg(**{"SEMI.PSEUDO_LABEL.FILTER": "entropy", "SEMI.PSEUDO_LABEL.DROP_PERCENT": 50.0,
-                      "SEMI.MIX.PROB": 1.0})
+                      "SEMI.MIX.PROB": 1.0, "SEMI.VIS_PERIOD": 2,
+                      "DATASETS.TRAIN_LABELED": ("camvid_mini_train_5_labeled",)})
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
     labeled, unlabeled = fake_batch(bl=2, bu=3)
 
     torch.manual_seed(1)
-    reference = model((labeled, unlabeled))
-    assert model.vis_record is None  # keep_vis = 0: nothing kept
-    model.keep_vis = 2
+    with RecordingStorage(start_iter=1) as storage:  # 1 % 2: no picture due
+        reference = model((labeled, unlabeled))
+    assert storage.images == []
     torch.manual_seed(1)
-    losses = model((labeled, unlabeled))
-    for k in reference:  # asking for pictures does not change training
+    with RecordingStorage(start_iter=0) as storage:
+        losses = model((labeled, unlabeled))
+    for k in reference:  # taking pictures does not change training
         assert torch.equal(losses[k], reference[k]), k
-    step, record = model._last_step, model.vis_record
+    step = model._last_step
+    assert [(it, tag) for it, tag, _ in storage.images] == [(0, "semi/labeled"), (0, "semi/pseudo_label"),
+                                                            (0, "semi/strong")]
+    h, w = 48, 64
+    pics = {}
+    for _, tag, chw in storage.images:
+        assert chw.dtype == np.uint8 and chw.shape[0] == 3, tag
+        pics[tag] = chw.transpose(1, 2, 0)
+        # 2 images per part (two rows), 3 panels each, a caption strip on top.
+        assert pics[tag].shape == (CAPTION_HEIGHT + 2 * h + PANEL_GAP, 3 * w + 2 * PANEL_GAP, 3), tag
 
     # Independent computation of the term's kept mask from the unmixed teacher maps.
     mask, partner = step.mix_mask, step.mix_partner
@@ -137,11 +144,13 @@ def test_kept_panel_is_the_pseudo_label_terms_mask():
     tw = step.teacher_weak
     keep = entropy_keep_mask(mixed(tw["entropy"]), mixed(tw["valid"]), 50.0)
     assert keep[:2].any() and (~keep[:2] & mixed(tw["valid"])[:2]).any()
-    assert torch.equal(record["unlabeled"]["kept"], keep[:2])
 
-    meta = MetadataCatalog.get("camvid_mini_train")
-    pics = semi_step_pictures(record, meta)
-    h, w = 48, 64
+    meta = MetadataCatalog.get("camvid_mini_train_5_labeled")
+
+    def predicted(logits, r):  # the student's argmax at crop size, as the losses see it
+        up = F.interpolate(logits[r:r + 1].detach().float(), size=(h, w), mode="bilinear", align_corners=False)
+        return colorize(up.argmax(1)[0].numpy(), meta)
+
     weak = torch.stack([u["image"] for u in unlabeled])
     strong = torch.stack([u["image_strong"] for u in unlabeled])
     pl = mixed(tw["pseudo_label"])
@@ -160,9 +169,10 @@ def test_kept_panel_is_the_pseudo_label_terms_mask():
         np.testing.assert_array_equal(_panel(pics["semi/labeled"], r, 0, h, w), labeled[r]["image"].permute(1, 2, 0).numpy())
         np.testing.assert_array_equal(_panel(pics["semi/labeled"], r, 1, h, w),
                                       colorize(labeled[r]["sem_seg"].numpy(), meta))
-    # Record tensors are detached CPU copies of the first two images only.
-    for part in record["labeled"].values():
-        assert part.device.type == "cpu" and not part.requires_grad and part.shape[0] == 2
+        np.testing.assert_array_equal(_panel(pics["semi/labeled"], r, 2, h, w),
+                                      predicted(step.student_labeled["logits"], r))
+        np.testing.assert_array_equal(_panel(pics["semi/strong"], r, 1, h, w),
+                                      predicted(step.student_strong["logits"], r))
 
 
 def test_large_crops_are_shrunk_keeping_mask_values():
@@ -181,9 +191,24 @@ def test_large_crops_are_shrunk_keeping_mask_values():
                                   colorize(labels[0, ::stride, ::stride].numpy(), meta))
 
 
-def test_vis_hook_refuses_metadata_without_colours():
-    meta = MetadataCatalog.get("__vis_hook_test_no_colours")
-    with pytest.raises(ValueError, match="stuff_colors"):
-        TrainingVisHook(10, meta)
+def test_vis_period_refuses_metadata_without_colours():
+    cfg = semi_cfg(**{"SEMI.VIS_PERIOD": 10, "DATASETS.TRAIN_LABELED": ("__vis_test_no_colours",)})
+    model = build_model(cfg)  # inference needs no colours: the check is made when a picture is drawn
+    model.train()
+    with EventStorage(0), pytest.raises(ValueError, match=r"SEMI.VIS_PERIOD=10 .*stuff_colors.*'__vis_test_no_colours'"):
+        model(fake_batch())
+    cfg = semi_cfg(**{"SEMI.VIS_PERIOD": -1, "DATASETS.TRAIN_LABELED": ("camvid_mini_train_5_labeled",)})
     with pytest.raises(ValueError, match="SEMI.VIS_PERIOD"):
-        TrainingVisHook(-1, MetadataCatalog.get("camvid_mini_train"))
+        build_model(cfg)
+
+
+def test_semi_rcnn_refuses_vis_period():
+    """SemiRCNN puts no pictures: SEMI.VIS_PERIOD is an error there, not silently ignored."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "projects", "SemiInstance"))
+    from semi_instance import get_semi_instance_cfg
+    from semi_instance.semi_rcnn import SemiRCNN
+
+    cfg = get_semi_instance_cfg()
+    cfg.SEMI.VIS_PERIOD = 5
+    with pytest.raises(ValueError, match="SEMI.VIS_PERIOD: SemiRCNN"):
+        SemiRCNN.from_config(cfg)

@@ -33,7 +33,7 @@ from semiseg_d2.engine.cli import merge_overrides  # noqa: E402
 from semiseg_d2.data.label_io import load_sem_seg  # noqa: E402
 from semiseg_d2.data.mapper import SemSegDatasetMapper  # noqa: E402
 from semiseg_d2.engine.trainer import SemiSegTrainer  # noqa: E402
-from semiseg_d2.evaluation.visualize import class_legend, colorize, save_grid  # noqa: E402
+from semiseg_d2.utils.visualizer import class_legend, colorize, save_grid  # noqa: E402
 from semiseg_d2.utils.run_logging import setup_run_logging  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "camvid", "demo_semi_cpu.yaml")

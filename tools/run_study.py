@@ -763,7 +763,7 @@ def plot_predictions(runs: Dict, methods: Sequence[str], seeds: Sequence[int], r
     import numpy as np
     from PIL import Image
 
-    from semiseg_d2.evaluation.visualize import colorize, save_grid
+    from semiseg_d2.utils.visualizer import colorize, save_grid
 
     frames_dir, index = _find_frames(roots)
     if index is None or not runs:

@@ -2,7 +2,6 @@
 from detectron2.engine import HookBase
 from torch.nn.parallel import DistributedDataParallel
 
-from ..evaluation.visualize import semi_step_pictures
 from ..layers.distributed import average_float_buffers_
 from ..layers.ema import ema_momentum, ema_update_
 
@@ -64,53 +63,3 @@ def build_ema_hook(cfg):
         return None
     return EMAHook.from_config(cfg)
 
-
-class TrainingVisHook(HookBase):
-    """TensorBoard pictures of the semi-supervised step every ``period`` iterations (``SEMI.VIS_PERIOD``).
-
-    On iterations ``it % period == 0`` (detectron2's ``VIS_PERIOD`` convention, so iteration 0 shows the
-    data the run starts from), ``before_step`` asks the model for ``num_images`` images per part
-    (``SemiSegmentor.keep_vis``); its forward leaves a detached CPU copy in ``vis_record``, which
-    ``after_step`` takes, renders with :func:`semi_step_pictures` and hands to the event storage
-    (``put_image``: detectron2's ``TensorboardXWriter`` writes it). On every other iteration the model keeps
-    nothing. Register it on the main process only, before the ``PeriodicWriter``.
-    """
-
-    def __init__(self, period: int, metadata, num_images: int = 2, max_size: int = 320):
-        if period < 0:
-            raise ValueError(f"SEMI.VIS_PERIOD must be >= 0 (0 = off), got {period}")
-        if num_images < 1:
-            raise ValueError(f"TrainingVisHook: num_images must be >= 1, got {num_images}")
-        if period > 0 and not metadata.get("stuff_colors"):
-            raise ValueError(
-                f"SEMI.VIS_PERIOD={period} colours label maps with MetadataCatalog.get('{metadata.name}')"
-                ".stuff_colors, which is not set: set it when registering the dataset, or SEMI.VIS_PERIOD 0"
-            )
-        self.period = period
-        self.metadata = metadata
-        self.num_images = num_images
-        self.max_size = max_size
-
-    def is_due(self, iteration: int) -> bool:
-        return self.period > 0 and iteration % self.period == 0
-
-    def before_train(self):
-        model = unwrap_model(self.trainer.model)
-        if not hasattr(model, "vis_summary"):
-            raise TypeError(
-                f"SEMI.VIS_PERIOD={self.period}: {type(model).__name__} has no vis_summary(step, n) to take "
-                "pictures from (SemiSegmentor has); set SEMI.VIS_PERIOD 0"
-            )
-
-    def before_step(self):
-        model = unwrap_model(self.trainer.model)
-        model.keep_vis = self.num_images if self.is_due(self.trainer.iter) else 0
-
-    def after_step(self):
-        model = unwrap_model(self.trainer.model)
-        record, model.vis_record = model.vis_record, None
-        model.keep_vis = 0
-        if record is None:
-            return
-        for tag, picture in semi_step_pictures(record, self.metadata, self.max_size).items():
-            self.trainer.storage.put_image(tag, picture.transpose(2, 0, 1))  # CHW uint8

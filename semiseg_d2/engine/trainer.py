@@ -26,7 +26,7 @@ from typing import Dict, Mapping, Optional
 
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.utils import comm
@@ -37,7 +37,7 @@ from ..config import check_semiseg_config
 from ..data.build import build_sem_seg_test_loader, build_sem_seg_train_loader, build_semi_train_loader
 from ..evaluation import build_sem_seg_evaluator
 from .checkpoint import SemiSegCheckpointer, atomic_write_text, capture_rng_state, restore_rng_state
-from .hooks import TrainingVisHook, build_ema_hook, unwrap_model
+from .hooks import build_ema_hook, unwrap_model
 from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -397,12 +397,6 @@ class SemiSegTrainer(SegTrainer):
         if ema is not None:
             # The teacher must be updated before checkpointing/evaluation of the same iteration.
             ret.insert(2, ema)
-        if cfg.SEMI.VIS_PERIOD > 0 and comm.is_main_process():
-            meta = MetadataCatalog.get((cfg.DATASETS.TRAIN_LABELED or cfg.DATASETS.TRAIN)[0])
-            vis = TrainingVisHook(cfg.SEMI.VIS_PERIOD, meta)
-            # Before the PeriodicWriter, so the last iteration's pictures are written with it.
-            writer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
-            ret.insert(writer, vis)
         return ret
 
     @staticmethod

@@ -146,6 +146,8 @@ class SemiRCNN(TeacherStudent):
         name = cfg.SEMI_INSTANCE.STUDENT_ARCHITECTURE
         if name == "SemiRCNN" or name not in META_ARCH_REGISTRY:
             raise ValueError(f"SEMI_INSTANCE.STUDENT_ARCHITECTURE: '{name}' is not a registered R-CNN meta-architecture")
+        if cfg.SEMI.VIS_PERIOD > 0:
+            raise ValueError("SEMI.VIS_PERIOD: SemiRCNN puts no training pictures (SemiSegmentor does); set it to 0")
         return dict(
             student=META_ARCH_REGISTRY.get(name)(cfg),
             terms=build_loss_terms(cfg, task="instance"),

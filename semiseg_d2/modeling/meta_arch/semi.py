@@ -19,9 +19,9 @@ statistics untouched) and step 3 is the default single student pass.
 After the optimizer step the trainer calls :meth:`after_optimizer_step` (stateful terms update their
 memory banks / flows); the EMA hook then updates the teacher. The task-agnostic half (teacher copy, burn-in,
 running the terms, metrics, state updates) is :class:`TeacherStudent`, shared with projects/SemiInstance.
-On the steps where ``TrainingVisHook`` (``SEMI.VIS_PERIOD``) asks for pictures (``keep_vis > 0``), forward also
-leaves a small detached CPU copy of the first images of each part in ``vis_record``; no other step keeps
-anything beyond the optimizer step.
+Every ``SEMI.VIS_PERIOD`` iterations (``storage.iter % period == 0``, main process) forward also puts pictures of the
+step into detectron2's event storage (:meth:`SemiSegmentor.visualize_training`, as ``GeneralizedRCNN`` does);
+detectron2's ``TensorboardXWriter`` writes them.
 """
 from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -31,17 +31,19 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ...config import check_semiseg_config, check_teacher_mode
 from ...data.transforms import classmix_masks, cutmix_masks, mix, shifted_partner_index
 from ...evaluation.pseudo_label_diagnostics import PseudoLabelDiagnostics
-from ...evaluation.visualize import denormalize
 from ...losses.pseudo_label import softmax_entropy
 from ...losses.registry import build_loss_terms
 from ...losses.step import SemiStep
 from ...losses.unimatch_v2 import complementary_channel_masks
 from ...utils.dtype import upcast
+from ...utils.visualizer import denormalize, semi_step_pictures
 from .segmentor import Segmentor
 from .teacher_student import TeacherStudent
 
@@ -121,6 +123,10 @@ class SemiSegmentor(TeacherStudent):
         teacher_mode: str = "ema",
         diagnostics: Optional[PseudoLabelDiagnostics] = None,
         eval_network: str = "teacher",
+        vis_period: int = 0,
+        vis_dataset: Optional[str] = None,
+        vis_images: int = 2,
+        vis_max_size: int = 320,
     ):
         if mix_type not in _MIX_TYPES:
             raise ValueError(f"SEMI.MIX.TYPE: unknown '{mix_type}'; known: {', '.join(_MIX_TYPES)}")
@@ -140,8 +146,16 @@ class SemiSegmentor(TeacherStudent):
         self.teacher_autocast = teacher_autocast
         self.teacher_train_mode = teacher_train_mode
         self.diagnostics = diagnostics  # SEMI.DIAGNOSTICS: pseudo-label quality against unread ground truth
-        self.keep_vis = 0  # images per part to copy into vis_record on this step (set by TrainingVisHook)
-        self.vis_record = None  # detached CPU copy for the pictures, taken by TrainingVisHook
+        if vis_period < 0:
+            raise ValueError(f"SEMI.VIS_PERIOD must be >= 0 (0 = off), got {vis_period}")
+        if vis_images < 1:
+            raise ValueError(f"SemiSegmentor: vis_images must be >= 1, got {vis_images}")
+        self.vis_period = vis_period  # SEMI.VIS_PERIOD: pictures from forward every N iterations (0 = off)
+        # The labeled training set whose stuff_colors the pictures use, looked up when a picture is drawn: building
+        # the model for inference needs no registered training set.
+        self.vis_dataset = vis_dataset
+        self.vis_images = vis_images  # images per part shown
+        self.vis_max_size = vis_max_size  # longer side of a panel, larger crops are shrunk
 
     @classmethod
     def from_config(cls, cfg):
@@ -163,6 +177,8 @@ class SemiSegmentor(TeacherStudent):
             teacher_mode=cfg.SEMI.TEACHER_MODE,
             diagnostics=_diagnostics_from_config(cfg),
             eval_network=cfg.SEMI.WEIGHTS_FOR_EXPORT,
+            vis_period=cfg.SEMI.VIS_PERIOD,
+            vis_dataset=next(iter(cfg.DATASETS.TRAIN_LABELED or cfg.DATASETS.TRAIN), None),
         )
 
     @property
@@ -186,9 +202,27 @@ class SemiSegmentor(TeacherStudent):
         losses = self.run_terms(step)
         if self.diagnostics is not None and not step.burn_in:
             step.metrics.update(self.diagnostics(step, self.diagnostics.ground_truth(unlabeled, step, self.device)))
-        if self.keep_vis > 0:
-            self.vis_record = self.vis_summary(step, self.keep_vis)
+        if self.vis_period > 0 and comm.is_main_process():
+            storage = get_event_storage()
+            if storage.iter % self.vis_period == 0:  # detectron2's VIS_PERIOD convention: iteration 0 shows the start
+                self.visualize_training(step)
         return losses
+
+    @torch.no_grad()
+    def visualize_training(self, step: SemiStep) -> None:
+        """Put the pictures of ``step`` (:func:`semi_step_pictures` of :meth:`vis_summary`: tags ``semi/labeled``,
+        and after burn-in ``semi/pseudo_label`` and ``semi/strong``) into the event storage as ``uint8 [3,H,W]``."""
+        meta = MetadataCatalog.get(self.vis_dataset) if self.vis_dataset else None
+        if meta is None or not meta.get("stuff_colors"):
+            raise ValueError(
+                f"SEMI.VIS_PERIOD={self.vis_period} colours label maps with the stuff_colors of the first labeled "
+                f"training set, MetadataCatalog.get({self.vis_dataset!r}), which has none: set them when registering "
+                "the dataset, or SEMI.VIS_PERIOD 0"
+            )
+        storage = get_event_storage()
+        record = self.vis_summary(step, self.vis_images)
+        for tag, picture in semi_step_pictures(record, meta, self.vis_max_size).items():
+            storage.put_image(tag, picture.transpose(2, 0, 1))
 
     @torch.no_grad()
     def vis_summary(self, step: SemiStep, n: int) -> Dict[str, object]:

@@ -1,5 +1,6 @@
 """Small visualisation helpers: colour label maps with a dataset's colours, tile images into a PNG, and the
-training pictures of ``SEMI.VIS_PERIOD`` (:func:`semi_step_pictures`, written by ``TrainingVisHook``)."""
+training pictures of ``SEMI.VIS_PERIOD`` (:func:`semi_step_pictures`, which ``SemiSegmentor.forward`` puts into
+detectron2's event storage, as ``GeneralizedRCNN.visualize_training`` does)."""
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -120,7 +121,8 @@ def _shrink(x: torch.Tensor, stride: int) -> torch.Tensor:
 def semi_step_pictures(record: Dict, meta, max_size: int = 320) -> Dict[str, np.ndarray]:
     """The TensorBoard pictures of one training step: tag -> ``uint8 [H,W,3]``, one row per image.
 
-    ``record`` is ``SemiSegmentor.vis_summary`` (first images of each part, on the CPU); ``meta`` gives
+    ``record`` is ``SemiSegmentor.vis_summary`` (first images of each part, on the CPU: no model, no storage, only
+    tensors in and arrays out); ``meta`` gives
     ``stuff_colors``. Tags:
       ``semi/labeled``: image | ground truth | student prediction;
       ``semi/pseudo_label`` (after burn-in): weak view | teacher pseudo-label | pixels kept by the
