@@ -1,4 +1,5 @@
-"""Reusable math of the methods: EMA, class memory banks, kNN density, coupling flows."""
+"""Reusable math of the methods: EMA, class memory banks, class-batched selectors, kNN density, coupling flows."""
+from .class_attention import ClassAttentionSelectors, ClassBatchNorm
 from .density import class_density_blocked, knn_density, knn_density_grouped, knn_density_per_class
 from .distributed import all_gather_variable, gather_for_enqueue
 from .ema import EMA_SCHEDULES, ema_momentum, ema_update_
@@ -6,6 +7,7 @@ from .flow import CouplingFlow, GLOWCoupling, nll_gradient_direction, nonfinite_
 from .memory_bank import ClassMemoryBank, class_row_blocks, topk_per_class_per_image
 
 __all__ = [
+    "ClassAttentionSelectors", "ClassBatchNorm",
     "class_density_blocked",
     "knn_density", "knn_density_grouped", "knn_density_per_class",
     "all_gather_variable", "gather_for_enqueue",
