@@ -14,7 +14,8 @@ from semiseg_d2.config import get_semiseg_cfg
 from semiseg_d2.data.splits.splits import SHIPPED_SPLITS_DIR, entry_id, read_list
 from semiseg_d2.losses.class_balance import ClassBalanceTerm, median_frequency_weights
 from semiseg_d2.layers.class_attention import ClassAttentionSelectors
-from semiseg_d2.losses.memory_contrast import EntropyTerm, MemoryContrastTerm, memory_contrast_loss
+from semiseg_d2.losses.entropy import EntropyTerm
+from semiseg_d2.losses.memory_contrast import MemoryContrastTerm, memory_contrast_loss
 from semiseg_d2.losses.step import SemiStep
 from tests.tiny import fake_batch, semi_cfg
 

@@ -1,5 +1,5 @@
-"""Pixel-level contrastive learning from a class-wise memory bank (Alonso et al., ICCV 2021) and direct entropy
-minimisation: the ``memory_contrast`` and ``entropy`` terms. Paper -> code map: docs/methods/memory_contrast.md.
+"""Pixel-level contrastive learning from a class-wise memory bank (Alonso et al., ICCV 2021): the ``memory_contrast``
+term. Paper -> code map: docs/methods/memory_contrast.md.
 
 ``memory_contrast`` (paper Sec. 3.4, Eqs. 8-11):
   student features V (head "features") -> projection Z = g(V) -> prediction P = q(Z); per class c, an attention
@@ -8,10 +8,8 @@ minimisation: the ``memory_contrast`` and ``entropy`` terms. Paper -> code map: 
   (teacher pseudo-label) pixels. The memory holds teacher projections g_xi(f_xi(x_l)) of labeled pixels that the
   teacher classifies correctly with confidence > phi, the top-K per image and class by the teacher's memory
   selector S_{c,xi}. The term keeps its own EMA copies of the projection head and memory selectors (g_xi, S_xi).
-``entropy`` (Eq. 7): mean entropy of the student's softmax on the strong (mixed) unlabeled views.
 """
 import copy
-import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -31,7 +29,6 @@ __all__ = [
     "quality_filter",
     "head_feature_dim",
     "MemoryContrastTerm",
-    "EntropyTerm",
 ]
 
 
@@ -341,36 +338,3 @@ class MemoryContrastTerm(SemiLossTerm):
         m = ema_momentum(self.ema_schedule, self.ema_base, t, T)
         ema_update_(self.teacher_projection, self.projection, m)
         ema_update_(self.teacher_memory_selector, self.memory_selector, m)
-
-
-@SEMI_LOSS_REGISTRY.register_term
-class EntropyTerm(SemiLossTerm):
-    """``entropy``: direct entropy minimisation (Eq. 7) of the student's softmax on the strong (mixed) unlabeled
-    views, averaged over valid pixels at crop resolution; ``NORMALIZE`` divides by log C (reference code)."""
-
-    name = "entropy"
-
-    @configurable
-    def __init__(self, *, weight: float = 0.01, start_iter: int = 0, normalize: bool = False):
-        super().__init__()
-        self.weight = weight
-        self.start_iter = start_iter
-        self.normalize = normalize
-
-    @classmethod
-    def from_config(cls, cfg):
-        c = cfg.SEMI.ENTROPY
-        return dict(weight=c.WEIGHT, start_iter=c.START_ITER, normalize=c.NORMALIZE)
-
-    def forward(self, step) -> Dict[str, torch.Tensor]:
-        logits = step.student_strong["logits"]
-        valid = step.teacher_strong["valid"]
-        if logits.shape[-2:] != valid.shape[-2:]:
-            logits = F.interpolate(logits, size=valid.shape[-2:], mode="bilinear", align_corners=False)
-        logp = F.log_softmax(upcast(logits), dim=1)
-        ent = -(logp.exp() * logp).sum(1)
-        loss = (ent * valid.float()).sum() / valid.sum().clamp_min(1).float()
-        if self.normalize:
-            loss = loss / math.log(logits.shape[1])
-        scale = self.weight if step.iteration >= self.start_iter else 0.0
-        return {"loss_entropy": loss * scale}
