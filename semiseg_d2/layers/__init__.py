@@ -1,9 +1,11 @@
-"""Reusable math of the methods: EMA, class memory banks, class-batched selectors, kNN density, coupling flows."""
+"""Reusable math of the methods: EMA, class memory banks, class-batched selectors, label ops and pseudo-label
+filters, kNN density, coupling flows."""
 from .class_attention import ClassAttentionSelectors, ClassBatchNorm
 from .density import class_density_blocked, knn_density, knn_density_grouped, knn_density_per_class
 from .distributed import all_gather_variable, gather_for_enqueue
 from .ema import EMA_SCHEDULES, ema_momentum, ema_update_
 from .flow import CouplingFlow, GLOWCoupling, nll_gradient_direction, nonfinite_log_det
+from .label_ops import entropy_keep_mask, resize_labels, softmax_entropy, threshold_keep_mask
 from .memory_bank import ClassMemoryBank, class_row_blocks, topk_per_class_per_image
 
 __all__ = [
@@ -12,6 +14,7 @@ __all__ = [
     "knn_density", "knn_density_grouped", "knn_density_per_class",
     "all_gather_variable", "gather_for_enqueue",
     "EMA_SCHEDULES", "ema_momentum", "ema_update_",
+    "entropy_keep_mask", "resize_labels", "softmax_entropy", "threshold_keep_mask",
     "CouplingFlow", "GLOWCoupling", "nll_gradient_direction", "nonfinite_log_det",
     "ClassMemoryBank", "class_row_blocks", "topk_per_class_per_image",
 ]

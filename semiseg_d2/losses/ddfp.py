@@ -26,8 +26,9 @@ from detectron2.utils.logger import log_every_n_seconds
 from torch import nn
 
 from ..layers.flow import CouplingFlow
+from ..layers.label_ops import threshold_keep_mask
 from ..utils.dtype import upcast
-from .pseudo_label import pseudo_label_cross_entropy, threshold_keep_mask
+from .pseudo_label import pseudo_label_cross_entropy
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
 logger = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ from detectron2.config import configurable
 
 from ..layers.density import class_density_blocked, knn_density_grouped
 from ..layers.distributed import gather_for_enqueue
+from ..layers.label_ops import entropy_keep_mask, softmax_entropy
 from ..layers.memory_bank import ClassMemoryBank
 from ..utils.dtype import upcast
 from .contrastive import (
@@ -32,7 +33,6 @@ from .contrastive import (
     info_nce,
     sample_negatives_per_class,
 )
-from .pseudo_label import entropy_keep_mask, softmax_entropy
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
 _BANK_SOURCES = ("student", "teacher")

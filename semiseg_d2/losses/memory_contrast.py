@@ -19,9 +19,10 @@ from detectron2.config import configurable
 from ..layers.class_attention import ClassAttentionSelectors
 from ..layers.distributed import gather_for_enqueue
 from ..layers.ema import ema_momentum, ema_update_
+from ..layers.label_ops import resize_labels
 from ..layers.memory_bank import ClassMemoryBank, topk_per_class_per_image
 from ..utils.dtype import upcast
-from .contrastive import ProjectionHead, flatten_pixels, resize_labels
+from .contrastive import ProjectionHead, flatten_pixels
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
 __all__ = [

@@ -37,7 +37,7 @@ from ...config import check_semiseg_config, check_teacher_mode
 from ...data.transforms import classmix_masks, cutmix_masks, mix, shifted_partner_index
 from ...evaluation.pseudo_label_diagnostics import PseudoLabelDiagnostics
 from ...evaluation.visualize import denormalize
-from ...losses.pseudo_label import softmax_entropy
+from ...layers.label_ops import softmax_entropy
 from ...losses.registry import build_loss_terms
 from ...losses.step import SemiStep
 from ...losses.unimatch_v2 import complementary_channel_masks
