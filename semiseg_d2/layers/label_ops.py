@@ -13,9 +13,9 @@ __all__ = ["resize_labels", "softmax_entropy", "threshold_keep_mask", "entropy_k
 
 
 def resize_labels(labels: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Nearest down-sampling of a label map ``long[B, H, W] -> long[B, h, w]`` to a feature resolution
-    (Alonso et al. and DGCL compare features at the head's stride and down-sample the labels, never the
-    reverse). Ignore values survive unchanged; no-op when the size already matches."""
+    """Nearest resize of a label map or mask ``[B, H, W]`` (long, bool, ...) to ``size`` -> ``[B, h, w]``, same dtype:
+    Alonso et al., DGCL and DDFP compare features at the head's stride and down-sample the labels this way, never
+    the reverse. Ignore values survive unchanged; no-op when the size already matches."""
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
     return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(labels.dtype)

@@ -26,7 +26,7 @@ from detectron2.utils.logger import log_every_n_seconds
 from torch import nn
 
 from ..layers.flow import CouplingFlow
-from ..layers.label_ops import threshold_keep_mask
+from ..layers.label_ops import resize_labels, threshold_keep_mask
 from ..utils.dtype import upcast
 from .pseudo_label import pseudo_label_cross_entropy
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
@@ -45,14 +45,6 @@ def _check_dim(flow_dim: int, feat_dim: int, where: str) -> None:
             f"SEMI.DDFP: {where} are {feat_dim}-d but the flow models {flow_dim}-d features "
             f"(the flow is built with MODEL.SEM_SEG_HEAD.CONVS_DIM)"
         )
-
-
-def resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Nearest resize of ``mask bool/long [B,H,W]`` to ``size`` (the reference resizes labels this way)."""
-    if tuple(mask.shape[-2:]) == tuple(size):
-        return mask
-    out = F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
-    return out.to(mask.dtype)
 
 
 def density_descending_perturbation(
@@ -268,7 +260,7 @@ class DDFPTerm(SemiLossTerm):
             return step.student_decode(x, norms=norms)[0]
 
         delta = density_descending_perturbation(
-            decode_features, self.flow, dec_in, resize_mask(keep, dec_in.shape[-2:]), self.eps
+            decode_features, self.flow, dec_in, resize_labels(keep, dec_in.shape[-2:]), self.eps
         )
         # The clean decoder input keeps its graph: the perturbed branch also trains the encoder (reference).
         _, logits_p = step.student_decode(dec_in + delta, norms=norms)
@@ -293,16 +285,16 @@ class DDFPTerm(SemiLossTerm):
         _check_dim(self.flow.dim, feats_l.shape[1], "labeled features")
         _check_dim(self.flow.dim, feats_u.shape[1], "unlabeled teacher features")
 
-        labels_l = resize_mask(step.labeled_targets, feats_l.shape[-2:])
+        labels_l = resize_labels(step.labeled_targets, feats_l.shape[-2:])
         valid_l = labels_l != self.ignore_value
         tw = step.teacher_weak
         if self.flow_unlabeled_target == "mixture":
-            valid_u = resize_mask(tw["valid"], feats_u.shape[-2:])
+            valid_u = resize_labels(tw["valid"], feats_u.shape[-2:])
             labels_u = torch.full_like(valid_u, -1, dtype=torch.long)
         else:
             keep = threshold_keep_mask(tw["confidence"], tw["valid"], self.threshold)
-            valid_u = resize_mask(keep, feats_u.shape[-2:])
-            labels_u = resize_mask(tw["pseudo_label"], feats_u.shape[-2:])
+            valid_u = resize_labels(keep, feats_u.shape[-2:])
+            labels_u = resize_labels(tw["pseudo_label"], feats_u.shape[-2:])
         labels = torch.cat([labels_l.flatten(), labels_u.flatten()])
         labels = torch.where(labels == self.ignore_value, torch.full_like(labels, -1), labels)
         valid = torch.cat([valid_l.flatten(), valid_u.flatten()])
