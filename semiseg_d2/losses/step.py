@@ -4,8 +4,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..data.transforms import mix
 from ..layers.label_ops import resize_labels
+from ..layers.perturbation import mix
 from .step_record import StepRecord
 
 

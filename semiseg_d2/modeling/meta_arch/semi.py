@@ -34,13 +34,18 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from ...config import check_semiseg_config, check_teacher_mode
-from ...data.transforms import classmix_masks, cutmix_masks, mix, shifted_partner_index
 from ...evaluation.pseudo_label_diagnostics import PseudoLabelDiagnostics
 from ...evaluation.visualize import denormalize
 from ...layers.label_ops import softmax_entropy
+from ...layers.perturbation import (
+    classmix_masks,
+    complementary_channel_masks,
+    cutmix_masks,
+    mix,
+    shifted_partner_index,
+)
 from ...losses.registry import build_loss_terms
 from ...losses.step import SemiStep
-from ...losses.unimatch_v2 import complementary_channel_masks
 from ...utils.dtype import upcast
 from .segmentor import Segmentor
 from .teacher_student import TeacherStudent
