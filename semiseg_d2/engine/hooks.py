@@ -1,15 +1,9 @@
 """Training hooks of the semi-supervised engine."""
 from detectron2.engine import HookBase
-from torch.nn.parallel import DistributedDataParallel
 
 from ..evaluation.visualize import semi_step_pictures
-from ..layers.distributed import average_float_buffers_
+from ..layers.distributed import average_float_buffers_, unwrap_model
 from ..layers.ema import ema_momentum, ema_update_
-
-
-def unwrap_model(model):
-    """The module inside DDP (or the model itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class EMAHook(HookBase):

@@ -2,7 +2,7 @@
 filters, the training step's mixing / channel-dropout masks, kNN density, coupling flows."""
 from .class_attention import ClassAttentionSelectors, ClassBatchNorm
 from .density import class_density_blocked, knn_density, knn_density_grouped, knn_density_per_class
-from .distributed import all_gather_variable, gather_for_enqueue
+from .distributed import all_gather_variable, gather_for_enqueue, unwrap_model
 from .ema import EMA_SCHEDULES, ema_momentum, ema_update_
 from .flow import CouplingFlow, GLOWCoupling, nll_gradient_direction, nonfinite_log_det
 from .label_ops import entropy_keep_mask, resize_labels, softmax_entropy, threshold_keep_mask
@@ -13,7 +13,7 @@ __all__ = [
     "ClassAttentionSelectors", "ClassBatchNorm",
     "class_density_blocked",
     "knn_density", "knn_density_grouped", "knn_density_per_class",
-    "all_gather_variable", "gather_for_enqueue",
+    "all_gather_variable", "gather_for_enqueue", "unwrap_model",
     "EMA_SCHEDULES", "ema_momentum", "ema_update_",
     "entropy_keep_mask", "resize_labels", "softmax_entropy", "threshold_keep_mask",
     "CouplingFlow", "GLOWCoupling", "nll_gradient_direction", "nonfinite_log_det",

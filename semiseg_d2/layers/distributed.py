@@ -1,8 +1,18 @@
-"""Explicit collectives used by stateful loss terms (never called implicitly by the pure layers)."""
+"""Explicit collectives used by stateful loss terms (never called implicitly by the pure layers), and the one
+unwrapping of a data-parallel model."""
 from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside DistributedDataParallel / DataParallel (whose parameter names carry a "module." prefix
+    that an unwrapped copy, e.g. the EMA teacher, does not have), or the model itself."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
 
 
 def _world_size(group=None) -> int:
