@@ -79,6 +79,20 @@ def gather_for_enqueue(
     return dict(zip(names, gathered[:-1])), gathered[-1]
 
 
+def mean_over_ranks(tensors: List[torch.Tensor], group=None) -> List[torch.Tensor]:
+    """Means over the ranks of ``tensors`` (one dtype and device), in one flattened all_reduce; not differentiable.
+
+    Returns views of one flat buffer, shaped like the inputs; the inputs themselves when not distributed.
+    """
+    world = _world_size(group)
+    if world == 1 or not tensors:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= world
+    return [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 @torch.no_grad()
 def average_float_buffers_(module: torch.nn.Module, group=None) -> None:
     """In place: every floating-point buffer of ``module`` (BN running mean/var) becomes its mean over ranks.
@@ -87,15 +101,11 @@ def average_float_buffers_(module: torch.nn.Module, group=None) -> None:
     student has its own running statistics: without it every rank's teacher would normalise (and pseudo-label)
     differently. With SyncBN the buffers already agree and this changes nothing. Not distributed: no-op.
     """
-    world = _world_size(group)
-    if world == 1:
+    if _world_size(group) == 1:
         return
     by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
     for b in module.buffers():
         if b.is_floating_point():
             by_dtype.setdefault(b.dtype, []).append(b)
     for bufs in by_dtype.values():
-        flat = torch.cat([b.reshape(-1) for b in bufs])
-        dist.all_reduce(flat, group=group)
-        flat /= world
-        torch._foreach_copy_(bufs, [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in bufs]), bufs)])
+        torch._foreach_copy_(bufs, mean_over_ranks(bufs, group))

@@ -16,15 +16,14 @@ import math
 from typing import Callable, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import get_norm
-from detectron2.utils import comm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.utils.logger import log_every_n_seconds
 from torch import nn
 
+from ..layers.distributed import mean_over_ranks
 from ..layers.flow import CouplingFlow
 from ..layers.label_ops import resize_labels, threshold_keep_mask
 from ..utils.dtype import upcast
@@ -310,21 +309,6 @@ class DDFPTerm(SemiLossTerm):
             x = x + self.flow_noise * torch.randn_like(x)
         return x, labels[index], weight.float()
 
-    def _all_reduce_grads(self, grads, loss):
-        """Average flow gradients (and the loss) over ranks, in one flat buffer (DDP does not: the flow
-        is trained outside the model's backward)."""
-        world = comm.get_world_size()
-        if world == 1:
-            return grads, loss
-        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)])
-        dist.all_reduce(flat)
-        flat /= world
-        out, offset = [], 0
-        for g in grads:
-            out.append(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-        return out, flat[-1]
-
     def update(self, step) -> None:
         if step.iteration < self.flow_start_iter:
             return
@@ -335,7 +319,9 @@ class DDFPTerm(SemiLossTerm):
             x, labels, weight = self.flow_batch(step)
             loss = flow_nll(self.flow, x, labels, weight)
             grads = torch.autograd.grad(loss, self._flow_params)
-        grads, loss = self._all_reduce_grads(grads, loss.detach())
+        # averaged over ranks with the loss (DDP does not: the flow is trained outside the model's backward)
+        *grads, loss = mean_over_ranks([*grads, loss.detach().reshape(1)])
+        loss = loss.reshape(())
         for p, g in zip(self._flow_params, grads):
             p.grad = g
         if self.flow_grad_clip > 0:
