@@ -135,8 +135,8 @@ def _flow_step(seed=0, scale=1.0, iteration=1):
 
 
 def _adam_state(term):
-    return [{k: v.clone() for k, v in term.flow_optimizer.state[p].items()} for p in term._flow_params
-            if p in term.flow_optimizer.state]
+    state = term.flow_optimizer.optimizer.state
+    return [{k: v.clone() for k, v in state[p].items()} for p in term.flow_optimizer.params if p in state]
 
 
 @pytest.mark.parametrize("target", ["mixture", "pseudo_label"])
@@ -165,9 +165,9 @@ def test_nonfinite_flow_step_is_skipped_and_counted(caplog):
     assert any("flow step skipped" in r.getMessage() for r in caplog.records)
     for k, v in term.flow.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert not term.flow_optimizer.state and all(p.grad is None for p in term._flow_params)
+    assert not term.flow_optimizer.optimizer.state and all(p.grad is None for p in term.flow_optimizer.params)
     term.update(_flow_step())  # and a finite step afterwards trains normally
-    assert int(term.flow_skipped) == 1 and len(term.flow_optimizer.state) == len(term._flow_params)
+    assert int(term.flow_skipped) == 1 and len(term.flow_optimizer.optimizer.state) == len(term.flow_optimizer.params)
 
 
 def test_flow_weights_and_adam_state_survive_state_dict_round_trip():
@@ -194,7 +194,7 @@ def test_flow_weights_and_adam_state_survive_state_dict_round_trip():
     # a fresh term's (empty) optimizer state round-trips to empty
     c, d = _term(), _term()
     d.load_state_dict(c.state_dict(), strict=True)
-    assert not d.flow_optimizer.state
+    assert not d.flow_optimizer.optimizer.state
     # missing optimizer keys are reported under strict loading
     partial = {k: v for k, v in sd.items() if "flow_optimizer" not in k}
     with pytest.raises(RuntimeError, match="flow_optimizer"):
@@ -267,7 +267,7 @@ def test_ddfp_state_survives_checkpoint_save_and_load(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k]), k
     a, b = model.terms["ddfp"], fresh.terms["ddfp"]
-    assert len(_adam_state(a)) == len(a._flow_params)
+    assert len(_adam_state(a)) == len(a.flow_optimizer.params)
     for sa, sb in zip(_adam_state(a), _adam_state(b)):
         for k in sa:
             assert torch.equal(sa[k], sb[k]), k

@@ -7,9 +7,8 @@ Paper -> code map and deviations: docs/methods/ddfp.md. Pieces:
     on a random subset of teacher pixel features.
   - :class:`DDFPTerm` (``ddfp``): the loss term. ``forward`` perturbs the strong (mixed) views' decoder input,
     re-decodes it with a separate BN set and returns the CE against the teacher's pseudo-labels;
-    ``update`` (after the model's optimizer step) trains the flow with its own Adam optimizer.
-The Adam state is written into the module's state dict (fixed-shape tensors), so any checkpoint of the
-model carries it.
+    ``update`` (after the model's optimizer step) trains the flow with its own Adam optimizer
+    (layers/online_adam.py, whose state is part of the term's state dict).
 """
 import logging
 import math
@@ -23,9 +22,9 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.utils.logger import log_every_n_seconds
 from torch import nn
 
-from ..layers.distributed import mean_over_ranks
 from ..layers.flow import CouplingFlow
 from ..layers.label_ops import resize_labels, threshold_keep_mask
+from ..layers.online_adam import OnlineAdam
 from ..utils.dtype import upcast
 from .pseudo_label import pseudo_label_cross_entropy
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
@@ -34,8 +33,6 @@ logger = logging.getLogger(__name__)
 
 _FLOW_TARGETS = ("mixture", "pseudo_label")
 _NORMALIZE = ("all", "kept")
-_OPT_PREFIX = "flow_optimizer."
-_OPT_FIELDS = ("exp_avg", "exp_avg_sq", "step")
 
 
 def _check_dim(flow_dim: int, feat_dim: int, where: str) -> None:
@@ -172,9 +169,6 @@ class DDFPTerm(SemiLossTerm):
         self.eps = eps
         self.start_iter = start_iter
         self.flow_start_iter = flow_start_iter
-        self.flow_lr = flow_lr
-        self.flow_lr_end_factor = flow_lr_end_factor
-        self.flow_grad_clip = flow_grad_clip
         self.flow_samples = flow_samples
         self.flow_noise = flow_noise
         self.flow_unlabeled_target = flow_unlabeled_target
@@ -188,8 +182,10 @@ class DDFPTerm(SemiLossTerm):
             nn.ModuleList([get_norm(norm, feature_dim) or nn.Identity() for _ in range(decoder_norms)])
             if perturbed_bn else None
         )
-        self._flow_params = list(self.flow.parameters())
-        self.flow_optimizer = torch.optim.Adam(self._flow_params, lr=flow_lr, betas=tuple(flow_betas))
+        self.flow_optimizer = OnlineAdam(
+            self.flow.parameters(), lr=flow_lr, betas=flow_betas, lr_end_factor=flow_lr_end_factor,
+            grad_clip=flow_grad_clip,
+        )
         self.register_buffer("flow_skipped", torch.zeros((), dtype=torch.long))
         self.register_buffer("flow_nll", torch.zeros(()))
 
@@ -225,7 +221,7 @@ class DDFPTerm(SemiLossTerm):
         )
 
     def params_with_own_optimizer(self):
-        return list(self._flow_params)
+        return list(self.flow_optimizer.params)
 
     # ------------------------------------------------------------------ loss
     def _decoder(self, step):
@@ -312,26 +308,11 @@ class DDFPTerm(SemiLossTerm):
     def update(self, step) -> None:
         if step.iteration < self.flow_start_iter:
             return
-        lr = self.flow_lr * self.flow_lr_end_factor ** step.progress
-        for group in self.flow_optimizer.param_groups:
-            group["lr"] = lr
         with torch.enable_grad(), torch.autocast(step.labeled_images.device.type, enabled=False):
             x, labels, weight = self.flow_batch(step)
             loss = flow_nll(self.flow, x, labels, weight)
-            grads = torch.autograd.grad(loss, self._flow_params)
-        # averaged over ranks with the loss (DDP does not: the flow is trained outside the model's backward)
-        *grads, loss = mean_over_ranks([*grads, loss.detach().reshape(1)])
-        loss = loss.reshape(())
-        for p, g in zip(self._flow_params, grads):
-            p.grad = g
-        if self.flow_grad_clip > 0:
-            total = torch.nn.utils.clip_grad_norm_(self._flow_params, self.flow_grad_clip)
-        else:
-            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        # The term's one host sync: a non-finite flow loss/gradient (e.g. log-det overflow) skips the flow
-        # step instead of writing NaN into the flow (and, through the next perturbation, the student).
-        # Identical on every rank (reduced values), so ranks stay in step.
-        if not bool(torch.isfinite(total) & torch.isfinite(loss)):
+        loss, stepped = self.flow_optimizer.step(loss, step.progress)
+        if not stepped:
             self.flow_skipped += 1
             log_every_n_seconds(
                 logging.WARNING,
@@ -341,53 +322,4 @@ class DDFPTerm(SemiLossTerm):
                 name=__name__,
             )
         else:
-            self.flow_optimizer.step()
             self.flow_nll.copy_(loss)
-        for p in self._flow_params:
-            p.grad = None
-
-    # ------------------------------------------------------------------ checkpointing of the Adam state
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        # Fixed shapes whatever the optimizer has done (zeros before its first step), so detectron2's
-        # shape-checking checkpointer and strict loading treat them like any buffer.
-        for i, p in enumerate(self._flow_params):
-            state = self.flow_optimizer.state.get(p, {})
-            destination[f"{prefix}{_OPT_PREFIX}exp_avg.{i}"] = state.get("exp_avg", torch.zeros_like(p)).detach()
-            destination[f"{prefix}{_OPT_PREFIX}exp_avg_sq.{i}"] = state.get(
-                "exp_avg_sq", torch.zeros_like(p)
-            ).detach()
-            destination[f"{prefix}{_OPT_PREFIX}step.{i}"] = state.get("step", torch.zeros(())).detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        opt_prefix = prefix + _OPT_PREFIX
-        rest = {k: v for k, v in state_dict.items() if not k.startswith(opt_prefix)}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        new_state = {}
-        for i, p in enumerate(self._flow_params):
-            keys = {f: f"{opt_prefix}{f}.{i}" for f in _OPT_FIELDS}
-            absent = [k for k in keys.values() if k not in state_dict]
-            if absent:
-                missing_keys.extend(absent)
-                continue
-            avg, avg_sq, step = (state_dict[keys[f]] for f in _OPT_FIELDS)
-            if avg.shape != p.shape or avg_sq.shape != p.shape:
-                error_msgs.append(
-                    f"{keys['exp_avg']}: Adam state of shape {tuple(avg.shape)}, flow parameter {tuple(p.shape)}"
-                )
-                continue
-            step = step.detach().to("cpu", torch.float32).clone().reshape(())
-            if float(step) > 0:  # a never-stepped optimizer has an empty state
-                new_state[p] = {
-                    "step": step,
-                    "exp_avg": avg.detach().to(p.device, p.dtype).clone(),
-                    "exp_avg_sq": avg_sq.detach().to(p.device, p.dtype).clone(),
-                }
-        for k in state_dict:
-            if k.startswith(opt_prefix):
-                field_name, _, idx = k[len(opt_prefix):].rpartition(".")
-                if field_name not in _OPT_FIELDS or not idx.isdigit() or int(idx) >= len(self._flow_params):
-                    unexpected_keys.append(k)
-        self.flow_optimizer.state.clear()
-        self.flow_optimizer.state.update(new_state)
