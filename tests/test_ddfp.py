@@ -128,7 +128,8 @@ def _flow_step(seed=0, scale=1.0, iteration=1):
     return SemiStep(
         iteration=iteration, max_iter=10, num_classes=C, ignore_value=255,
         labeled_images=torch.zeros(bl, 3, H, W), labeled_targets=targets,
-        student_labeled={"features": scale * torch.randn(bl, D, h, w, generator=g, requires_grad=True)},
+        student_labeled={},  # the flow trains on teacher features only
+        teacher_labeled={"features": scale * torch.randn(bl, D, h, w, generator=g)},
         teacher_weak={"features": scale * torch.randn(bu, D, h, w, generator=g), "valid": valid,
                       "confidence": conf, "pseudo_label": torch.randint(0, C, (bu, H, W), generator=g)},
     )
@@ -140,11 +141,10 @@ def _adam_state(term):
 
 
 @pytest.mark.parametrize("target", ["mixture", "pseudo_label"])
-def test_flow_update_lowers_the_nll_and_uses_teacher_labeled_when_given(target):
+def test_flow_update_lowers_the_nll(target):
     torch.manual_seed(0)
     term = _term(flow_unlabeled_target=target, flow_noise=0.0, flow_samples=10_000, threshold=0.3)
     step = _flow_step()
-    step.teacher_labeled = {"features": step.student_labeled["features"].detach() + 0.5}
     x, labels, weight = term.flow_batch(step)
     # labeled rows carry GT ids; unlabeled rows -1 (mixture) or pseudo-labels; padding never counted
     assert x.shape[1] == D and bool((labels[weight > 0] >= (0 if target == "pseudo_label" else -1)).all())
@@ -153,6 +153,13 @@ def test_flow_update_lowers_the_nll_and_uses_teacher_labeled_when_given(target):
         term.update(step)
     assert float(flow_nll(term.flow, x, labels, weight).detach()) < start
     assert int(term.flow_skipped) == 0 and math.isfinite(float(term.flow_nll))
+
+
+def test_flow_update_without_teacher_labeled_features_names_the_field():
+    step = _flow_step()
+    step.teacher_labeled = {}
+    with pytest.raises(RuntimeError, match=r"teacher_labeled\['features'\]"):
+        _term().update(step)
 
 
 def test_nonfinite_flow_step_is_skipped_and_counted(caplog):

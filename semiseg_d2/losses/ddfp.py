@@ -270,11 +270,12 @@ class DDFPTerm(SemiLossTerm):
     def flow_batch(self, step) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sampled teacher pixel features of labeled (class-conditional on GT) and weak unlabeled views
         (marginal, or class-conditional on confident pseudo-labels): ``(feats [k,D], labels [k], weight [k])``."""
-        teacher_labeled = getattr(step, "teacher_labeled", None) or {}
-        feats_l = teacher_labeled.get("features")
+        feats_l = step.teacher_labeled.get("features")
         if feats_l is None:
-            # Until the engine provides teacher outputs on labeled images: the student's (detached) features.
-            feats_l = step.student_labeled["features"]
+            raise RuntimeError(
+                "ddfp trains its flow on SemiStep.teacher_labeled['features'] (teacher features of the labeled "
+                "images); the engine provides it for terms with needs_teacher_labeled = True"
+            )
         feats_u = step.teacher_weak["features"]
         feats_l, feats_u = feats_l.detach(), feats_u.detach()
         _check_dim(self.flow.dim, feats_l.shape[1], "labeled features")
