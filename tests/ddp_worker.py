@@ -4,7 +4,7 @@ import os
 import torch
 from detectron2.utils import comm
 
-from semiseg_d2.engine.hooks import unwrap_model
+from semiseg_d2.layers.distributed import unwrap_model
 from semiseg_d2.engine.trainer import SemiSegTrainer
 
 

@@ -128,23 +128,23 @@ def _flow_step(seed=0, scale=1.0, iteration=1):
     return SemiStep(
         iteration=iteration, max_iter=10, num_classes=C, ignore_value=255,
         labeled_images=torch.zeros(bl, 3, H, W), labeled_targets=targets,
-        student_labeled={"features": scale * torch.randn(bl, D, h, w, generator=g, requires_grad=True)},
+        student_labeled={},  # the flow trains on teacher features only
+        teacher_labeled={"features": scale * torch.randn(bl, D, h, w, generator=g)},
         teacher_weak={"features": scale * torch.randn(bu, D, h, w, generator=g), "valid": valid,
                       "confidence": conf, "pseudo_label": torch.randint(0, C, (bu, H, W), generator=g)},
     )
 
 
 def _adam_state(term):
-    return [{k: v.clone() for k, v in term.flow_optimizer.state[p].items()} for p in term._flow_params
-            if p in term.flow_optimizer.state]
+    state = term.flow_optimizer.optimizer.state
+    return [{k: v.clone() for k, v in state[p].items()} for p in term.flow_optimizer.params if p in state]
 
 
 @pytest.mark.parametrize("target", ["mixture", "pseudo_label"])
-def test_flow_update_lowers_the_nll_and_uses_teacher_labeled_when_given(target):
+def test_flow_update_lowers_the_nll(target):
     torch.manual_seed(0)
     term = _term(flow_unlabeled_target=target, flow_noise=0.0, flow_samples=10_000, threshold=0.3)
     step = _flow_step()
-    step.teacher_labeled = {"features": step.student_labeled["features"].detach() + 0.5}
     x, labels, weight = term.flow_batch(step)
     # labeled rows carry GT ids; unlabeled rows -1 (mixture) or pseudo-labels; padding never counted
     assert x.shape[1] == D and bool((labels[weight > 0] >= (0 if target == "pseudo_label" else -1)).all())
@@ -153,6 +153,13 @@ def test_flow_update_lowers_the_nll_and_uses_teacher_labeled_when_given(target):
         term.update(step)
     assert float(flow_nll(term.flow, x, labels, weight).detach()) < start
     assert int(term.flow_skipped) == 0 and math.isfinite(float(term.flow_nll))
+
+
+def test_flow_update_without_teacher_labeled_features_names_the_field():
+    step = _flow_step()
+    step.teacher_labeled = {}
+    with pytest.raises(RuntimeError, match=r"teacher_labeled\['features'\]"):
+        _term().update(step)
 
 
 def test_nonfinite_flow_step_is_skipped_and_counted(caplog):
@@ -165,9 +172,9 @@ def test_nonfinite_flow_step_is_skipped_and_counted(caplog):
     assert any("flow step skipped" in r.getMessage() for r in caplog.records)
     for k, v in term.flow.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert not term.flow_optimizer.state and all(p.grad is None for p in term._flow_params)
+    assert not term.flow_optimizer.optimizer.state and all(p.grad is None for p in term.flow_optimizer.params)
     term.update(_flow_step())  # and a finite step afterwards trains normally
-    assert int(term.flow_skipped) == 1 and len(term.flow_optimizer.state) == len(term._flow_params)
+    assert int(term.flow_skipped) == 1 and len(term.flow_optimizer.optimizer.state) == len(term.flow_optimizer.params)
 
 
 def test_flow_weights_and_adam_state_survive_state_dict_round_trip():
@@ -194,7 +201,7 @@ def test_flow_weights_and_adam_state_survive_state_dict_round_trip():
     # a fresh term's (empty) optimizer state round-trips to empty
     c, d = _term(), _term()
     d.load_state_dict(c.state_dict(), strict=True)
-    assert not d.flow_optimizer.state
+    assert not d.flow_optimizer.optimizer.state
     # missing optimizer keys are reported under strict loading
     partial = {k: v for k, v in sd.items() if "flow_optimizer" not in k}
     with pytest.raises(RuntimeError, match="flow_optimizer"):
@@ -267,7 +274,7 @@ def test_ddfp_state_survives_checkpoint_save_and_load(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k]), k
     a, b = model.terms["ddfp"], fresh.terms["ddfp"]
-    assert len(_adam_state(a)) == len(a._flow_params)
+    assert len(_adam_state(a)) == len(a.flow_optimizer.params)
     for sa, sb in zip(_adam_state(a), _adam_state(b)):
         for k in sa:
             assert torch.equal(sa[k], sb[k]), k

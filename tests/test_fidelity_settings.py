@@ -197,8 +197,8 @@ def test_epoch_schedules_use_the_official_epoch_length(path):
 def test_synced_class_batch_norm_uses_the_statistics_of_every_rank(monkeypatch):
     """With sync, ClassBatchNorm on this rank's rows equals the local ClassBatchNorm over both ranks' rows (the
     other rank simulated: each rank-sum adds what that rank contributes), outputs and running statistics."""
-    from semiseg_d2.losses import memory_contrast
-    from semiseg_d2.losses.memory_contrast import ClassBatchNorm
+    from semiseg_d2.layers import class_attention
+    from semiseg_d2.layers.class_attention import ClassBatchNorm
 
     g = torch.Generator().manual_seed(0)
     C, H = 3, 4
@@ -216,7 +216,7 @@ def test_synced_class_batch_norm_uses_the_statistics_of_every_rank(monkeypatch):
         mean = (calls[1] + torch.zeros(C, H).index_add_(0, lb, xb)) / n[:, None]
         return t + torch.zeros(C, H).index_add_(0, lb, (xb - mean[lb]).square())
 
-    monkeypatch.setattr(memory_contrast, "sum_over_ranks", other_rank_sum)
+    monkeypatch.setattr(class_attention, "sum_over_ranks", other_rank_sum)
     synced, local = ClassBatchNorm(C, H, sync=True), ClassBatchNorm(C, H)
     got = synced(xa, la)
     ref = local(torch.cat([xa, xb]), torch.cat([la, lb]))[: len(xa)]

@@ -21,7 +21,8 @@ from semiseg_d2.data.datasets import unregister
 from semiseg_d2.data.datasets.common import register_sem_seg
 from semiseg_d2.data.datasets.register_camvid import register_all_camvid
 from semiseg_d2.data.mapper import SemSegDatasetMapper, UnlabeledDatasetMapper
-from semiseg_d2.data.transforms import StrongPhotometricAug, classmix_masks, cutmix_masks, mix, shifted_partner_index
+from semiseg_d2.data.transforms import StrongPhotometricAug
+from semiseg_d2.layers.perturbation import classmix_masks, cutmix_masks, mix, shifted_partner_index
 
 from tests import synthetic_trees as st
 from tests.tiny import tiny_cfg

@@ -1,23 +1,20 @@
 """memory_contrast / entropy / class_balance terms (Alonso et al. ICCV 2021): loss value, gradients, bank filling,
-config errors, the shipped configs and split lists, and a few steps of a tiny SemiSegmentor."""
+config errors, the shipped configs and split lists (training steps: test_numerics.py, test_train_e2e.py)."""
 import glob
 import itertools
 import os
 
 import pytest
 import torch
-from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
 from torch import nn
 
 from semiseg_d2.config import get_semiseg_cfg
 from semiseg_d2.data.splits.splits import SHIPPED_SPLITS_DIR, entry_id, read_list
+from semiseg_d2.layers.class_attention import ClassAttentionSelectors
 from semiseg_d2.losses.class_balance import ClassBalanceTerm, median_frequency_weights
-from semiseg_d2.losses.memory_contrast import (
-    ClassAttentionSelectors, EntropyTerm, MemoryContrastTerm, memory_contrast_loss,
-)
+from semiseg_d2.losses.entropy import EntropyTerm
+from semiseg_d2.losses.memory_contrast import MemoryContrastTerm, memory_contrast_loss
 from semiseg_d2.losses.step import SemiStep
-from tests.tiny import fake_batch, semi_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -257,54 +254,6 @@ def test_entropy_and_class_balance():
     term.update(step)
     term(step)
     assert torch.allclose(step.class_weights, torch.tensor([1.0, 2.0, 0.5]))
-
-
-def _attach_teacher_labeled(model):
-    """Until the engine fills SemiStep.teacher_labeled itself: the teacher on the labeled images."""
-    if "teacher_labeled" in SemiStep.__dataclass_fields__:
-        return
-    orig = model.compute_step
-
-    def compute_step(labeled, unlabeled):
-        step = orig(labeled, unlabeled)
-        with torch.no_grad():
-            step.teacher_labeled = {k: v.float() for k, v in model.teacher.extract(step.labeled_images).items()
-                                    if v is not None}
-        return step
-
-    model.compute_step = compute_step
-
-
-def test_tiny_semi_segmentor_trains_and_logs_the_terms():
-    from semiseg_d2.engine.trainer import SemiSegTrainLoop
-
-    torch.manual_seed(0)
-    cfg = semi_cfg(**{
-        "SEMI.LOSSES": ["class_balance", "supervised", "pseudo_label", "entropy", "memory_contrast"],
-        "SEMI.MIX.TYPE": "classmix", "SEMI.EMA.SCHEDULE": "cosine", "SEMI.EMA.MOMENTUM": 0.995,
-        "SEMI.PSEUDO_LABEL.CONF_POWER": 6.0, "SEMI.PSEUDO_LABEL.FILTER": "none",
-        "SEMI.MEMORY_CONTRAST.START_ITER": 1, "SEMI.MEMORY_CONTRAST.CONFIDENCE_THRESHOLD": 0.0,
-        "SEMI.MEMORY_CONTRAST.PER_CLASS_PER_IMAGE": 3, "SEMI.MEMORY_CONTRAST.PROJECTION_DIM": 16,
-        "SEMI.MEMORY_CONTRAST.HIDDEN_DIM": 16, "SEMI.MEMORY_CONTRAST.SELECTOR_HIDDEN_DIM": 8,
-        "SEMI.MEMORY_CONTRAST.BANK_SIZE": 8,
-    })
-    model = build_model(cfg)
-    model.train()
-    _attach_teacher_labeled(model)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    batches = [fake_batch(seed=i) for i in range(3)]
-    loop = SemiSegTrainLoop(model, batches, opt)
-    term = model.terms["memory_contrast"]
-    with EventStorage(0) as storage:
-        for it in range(3):
-            loop.iter = it
-            storage.iter = it
-            loop.run_step()
-            losses = storage.latest()
-            assert "loss_memory_contrast_labeled" in losses and "loss_entropy" in losses
-            assert int(term.bank.counts.sum()) > 0
-    assert torch.isfinite(torch.tensor(losses["loss_memory_contrast_unlabeled"][0]))
-    assert losses["loss_memory_contrast_labeled"][0] > 0  # on from iteration 1 with a filled bank
 
 
 CONFIG_DIRS = ("cityscapes", "voc", "gta5_city")

@@ -5,13 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semiseg_d2.losses.pseudo_label import (
-    entropy_keep_mask,
-    pseudo_label_cross_entropy,
-    rampup_factor,
-    softmax_entropy,
-    threshold_keep_mask,
-)
+from semiseg_d2.layers.label_ops import entropy_keep_mask, softmax_entropy, threshold_keep_mask
+from semiseg_d2.losses.pseudo_label import pseudo_label_cross_entropy, rampup_factor
 
 
 def test_threshold_keeps_confident_valid_pixels_only():

@@ -6,7 +6,7 @@ from detectron2.modeling import build_model
 from semiseg_d2.layers.ema import ema_momentum
 from semiseg_d2.losses.registry import SEMI_LOSS_REGISTRY
 from semiseg_d2.losses.step import SemiStep
-from semiseg_d2.losses.unimatch_v2 import complementary_channel_masks
+from semiseg_d2.layers.perturbation import complementary_channel_masks
 from tests.tiny import apply_overrides, fake_batch, tiny_vit_cfg
 
 V2 = {"SEMI.LOSSES": ["supervised", "unimatch_v2"], "SEMI.SUPERVISED.WEIGHT": 0.5, "SEMI.UNIMATCH_V2.THRESHOLD": 0.0}

@@ -16,7 +16,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from semiseg_d2.engine.trainer import SemiSegTrainer
-from semiseg_d2.losses.pseudo_label import entropy_keep_mask
+from semiseg_d2.layers.label_ops import entropy_keep_mask
 from semiseg_d2.utils.visualizer import CAPTION_HEIGHT, PANEL_GAP, colorize, semi_step_pictures
 from tests.tiny import apply_overrides, fake_batch, semi_cfg, tiny_cfg
 

@@ -46,7 +46,7 @@ from semiseg_d2.config import get_semiseg_cfg  # noqa: E402
 from semiseg_d2.data.datasets import register_folder_datasets_from_cfg  # noqa: E402
 from semiseg_d2.data.io import UnreadableFileError, read_image  # noqa: E402
 from semiseg_d2.engine.predictor import NETWORKS, SemiSegPredictor, check_weights_file  # noqa: E402
-from semiseg_d2.losses.pseudo_label import softmax_entropy  # noqa: E402
+from semiseg_d2.layers.label_ops import softmax_entropy  # noqa: E402
 
 logger = logging.getLogger("semiseg_d2.demo")
 

@@ -120,6 +120,7 @@ def collect(cfg, net, dataset: str, num_pixels: int, max_images: int, seed: int)
 
     from semiseg_d2.data.build import load_dataset_dicts
     from semiseg_d2.data.label_io import load_sem_seg
+    from semiseg_d2.layers.label_ops import resize_labels
 
     dicts = [d for d in load_dataset_dicts([dataset], f"--dataset '{dataset}'") if "sem_seg_file_name" in d]
     if not dicts:
@@ -136,7 +137,7 @@ def collect(cfg, net, dataset: str, num_pixels: int, max_images: int, seed: int)
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(net.device)
         out = net.extract(net.normalize(x))
         f = out["features"][0].float().cpu()
-        lab = F.interpolate(label[None, None].float(), size=f.shape[-2:], mode="nearest")[0, 0].long()
+        lab = resize_labels(label[None], f.shape[-2:])[0]
         fi, li = sample_labeled_pixels(f, lab, per_image, ignore, g)
         feats.append(fi)
         labels.append(li)

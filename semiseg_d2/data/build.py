@@ -108,7 +108,7 @@ def _stream(cfg, dicts: List[Dict], mapper, per_rank_batch: int, stream_id: int)
     """One rank's seeded infinite stream; ``stream_id`` keeps the streams of one run independent."""
     seed = cfg.SEED if cfg.SEED >= 0 else 0
     return SeededBatchStream(
-        [dicts],
+        dicts,
         mapper,
         per_rank_batch,
         seed=seed * 1000 + stream_id,

@@ -1,14 +1,13 @@
 """Resumable, worker-count-independent training streams.
 
 Batch ``b`` of rank ``r`` is a pure function of ``(seed, b, r)``: which samples it holds (a seeded
-permutation per epoch, or seeded sampling of several weighted sources) and every random number the
-mapper draws (the global ``random`` / ``numpy`` / ``torch`` generators are seeded per sample).
+permutation per epoch) and every random number the mapper draws (the global ``random`` / ``numpy`` / ``torch`` generators are seeded per sample).
 So a run resumed at iteration ``N`` sees exactly the batches an uninterrupted run sees, with any
 number of loader workers, and nothing needs to be stored in the checkpoint but the iteration.
 
 Unreadable files (``DATALOADER.UNREADABLE_UNLABELED "skip"``, set on the unlabeled stream only): a sample whose
 image cannot be decoded (:class:`.io.UnreadableFileError`) is replaced by replacement draw ``a = 1, 2, ...`` of
-its position, a uniform sample of the stream's sources seeded by ``(seed, pos, a)`` and mapped under a seed of
+its position, a uniform sample of the stream's dataset seeded by ``(seed, pos, a)`` and mapped under a seed of
 ``(seed, pos, a)``: a pure function of the position again, so skipping keeps resume exact. The replacement
 carries the skipped ``(file, message)`` pairs under ``"unreadable"``; :class:`StreamLoader` (main process)
 removes them, logs each file once, counts distinct files and stops past ``max_unreadable``.
@@ -54,36 +53,27 @@ def seeded_global_rng(seed: int):
 class SeededBatchStream(IterableDataset):
     """An infinite stream of mapped batches (lists of dicts) for one rank.
 
-    sources: one or more lists of dataset dicts. With one source, epochs are seeded permutations
-    (every sample once per epoch, re-sampled forever). With several, each sample position draws its
-    source with probability ``weights`` and a uniform sample of that source (with replacement).
+    dataset: the dataset dicts; epochs are seeded permutations (every sample once per epoch, re-sampled forever).
+    Several labeled sources are several streams, composed batch by batch (data/build.py).
     """
 
     def __init__(
         self,
-        sources: Sequence[List[dict]],
+        dataset: Sequence[dict],
         mapper: Callable[[dict], dict],
         batch_size: int,
         seed: int,
         rank: int = 0,
         world_size: int = 1,
-        weights: Optional[Sequence[float]] = None,
         max_unreadable: Optional[int] = None,
     ):
         """``max_unreadable``: None = an unreadable file is an error; an int = skip unreadable files (replaced
         deterministically, see the module docstring) and stop once more than this many distinct files were bad."""
         if batch_size <= 0:
             raise ValueError(f"batch size per rank must be positive, got {batch_size}")
-        self.sources = [list(s) for s in sources]
-        for i, s in enumerate(self.sources):
-            if not s:
-                raise ValueError(f"training source #{i} is empty")
-        if weights is not None and len(weights) != len(self.sources):
-            raise ValueError(f"{len(weights)} sampling weights for {len(self.sources)} sources")
-        w = np.asarray(weights if weights is not None else [len(s) for s in self.sources], dtype=np.float64)
-        if (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"sampling weights must be non-negative with a positive sum, got {list(w)}")
-        self.cum_weights = np.cumsum(w / w.sum())
+        self.dataset = list(dataset)
+        if not self.dataset:
+            raise ValueError("training stream: the dataset is empty")
         self.mapper = mapper
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -96,7 +86,7 @@ class SeededBatchStream(IterableDataset):
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._perm_cache:
             self._perm_cache = {epoch: np.random.default_rng(_mix_seed(self.seed, epoch, 17)).permutation(
-                len(self.sources[0]))}
+                len(self.dataset))}
         return self._perm_cache[epoch]
 
     def position(self, batch: int, j: int) -> int:
@@ -105,14 +95,12 @@ class SeededBatchStream(IterableDataset):
 
     def record(self, pos: int, draw: int = 0) -> dict:
         """The dataset dict at stream position ``pos`` (before mapping); ``draw > 0``: the replacement draw
-        ``draw`` of that position (a seeded uniform sample of the sources, by their weights)."""
-        if len(self.sources) == 1 and draw == 0:
-            n = len(self.sources[0])
-            return self.sources[0][int(self._permutation(pos // n)[pos % n])]
-        rng = np.random.default_rng(_mix_seed(self.seed, pos, 29) if draw == 0 else _mix_seed(self.seed, pos, draw, 31))
-        src = int(np.searchsorted(self.cum_weights, rng.random(), side="right"))
-        src = min(src, len(self.sources) - 1)
-        return self.sources[src][int(rng.integers(len(self.sources[src])))]
+        ``draw`` of that position (a seeded uniform sample of the dataset)."""
+        n = len(self.dataset)
+        if draw == 0:
+            return self.dataset[int(self._permutation(pos // n)[pos % n])]
+        rng = np.random.default_rng(_mix_seed(self.seed, pos, draw, 31))
+        return self.dataset[int(rng.integers(n))]
 
     def _map(self, pos: int, draw: int) -> dict:
         seed = _mix_seed(self.seed, pos, 43) if draw == 0 else _mix_seed(self.seed, pos, draw, 47)

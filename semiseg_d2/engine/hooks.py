@@ -1,14 +1,8 @@
 """Training hooks of the semi-supervised engine."""
 from detectron2.engine import HookBase
-from torch.nn.parallel import DistributedDataParallel
 
-from ..layers.distributed import average_float_buffers_
+from ..layers.distributed import average_float_buffers_, unwrap_model
 from ..layers.ema import ema_momentum, ema_update_
-
-
-def unwrap_model(model):
-    """The module inside DDP (or the model itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class EMAHook(HookBase):

@@ -23,7 +23,7 @@ from typing import Dict, Mapping, Sequence, Tuple
 
 import torch
 
-from ..data.transforms import mix
+from ..layers.perturbation import mix
 
 __all__ = ["DIAGNOSTIC_GT_KEY", "PseudoLabelDiagnostics", "WithDiagnosticGT", "diagnostic_gt_files"]
 

@@ -1,8 +1,18 @@
-"""Explicit collectives used by stateful loss terms (never called implicitly by the pure layers)."""
+"""Explicit collectives used by stateful loss terms (never called implicitly by the pure layers), and the one
+unwrapping of a data-parallel model."""
 from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside DistributedDataParallel / DataParallel (whose parameter names carry a "module." prefix
+    that an unwrapped copy, e.g. the EMA teacher, does not have), or the model itself."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
 
 
 def _world_size(group=None) -> int:
@@ -69,6 +79,20 @@ def gather_for_enqueue(
     return dict(zip(names, gathered[:-1])), gathered[-1]
 
 
+def mean_over_ranks(tensors: List[torch.Tensor], group=None) -> List[torch.Tensor]:
+    """Means over the ranks of ``tensors`` (one dtype and device), in one flattened all_reduce; not differentiable.
+
+    Returns views of one flat buffer, shaped like the inputs; the inputs themselves when not distributed.
+    """
+    world = _world_size(group)
+    if world == 1 or not tensors:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= world
+    return [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 @torch.no_grad()
 def average_float_buffers_(module: torch.nn.Module, group=None) -> None:
     """In place: every floating-point buffer of ``module`` (BN running mean/var) becomes its mean over ranks.
@@ -77,15 +101,11 @@ def average_float_buffers_(module: torch.nn.Module, group=None) -> None:
     student has its own running statistics: without it every rank's teacher would normalise (and pseudo-label)
     differently. With SyncBN the buffers already agree and this changes nothing. Not distributed: no-op.
     """
-    world = _world_size(group)
-    if world == 1:
+    if _world_size(group) == 1:
         return
     by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
     for b in module.buffers():
         if b.is_floating_point():
             by_dtype.setdefault(b.dtype, []).append(b)
     for bufs in by_dtype.values():
-        flat = torch.cat([b.reshape(-1) for b in bufs])
-        dist.all_reduce(flat, group=group)
-        flat /= world
-        torch._foreach_copy_(bufs, [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in bufs]), bufs)])
+        torch._foreach_copy_(bufs, mean_over_ranks(bufs, group))

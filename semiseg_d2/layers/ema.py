@@ -8,6 +8,8 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from .distributed import unwrap_model
+
 EMA_SCHEDULES = ("constant", "warm_start", "cosine")
 
 
@@ -32,14 +34,6 @@ def ema_momentum(schedule: str, base: float, it: int, max_iter: int) -> float:
         t = min(max(it, 0), max_iter) / max_iter
         return float(1.0 - (1.0 - base) * (math.cos(math.pi * t) + 1.0) / 2.0)
     raise ValueError(f"SEMI.EMA.SCHEDULE: unknown schedule '{schedule}'; known: {', '.join(EMA_SCHEDULES)}")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel / DataParallel keep the real network in `.module`; their parameter names
-    # carry a "module." prefix that the teacher (never wrapped) does not have.
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
 
 
 def _paired(kind: str, teacher: List[Tuple[str, torch.Tensor]], student: List[Tuple[str, torch.Tensor]]):
@@ -79,7 +73,7 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float, ema_buf
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"ema_update_: momentum must lie in [0, 1]; got {momentum}")
-    student = _unwrap(student)
+    student = unwrap_model(student)
     t_params, s_params = _paired("parameters", list(teacher.named_parameters()), list(student.named_parameters()))
     t_bufs, s_bufs = _paired("buffers", list(teacher.named_buffers()), list(student.named_buffers()))
 

@@ -199,12 +199,3 @@ def info_nce(
         neg = neg.masked_fill(~negative_valid.unsqueeze(-2), float("-inf"))
     logits = torch.cat([pos, neg], dim=-1)
     return torch.logsumexp(logits, dim=-1) - pos.squeeze(-1)
-
-
-def resize_labels(labels: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Nearest down-sampling of a label map ``long[B, H, W] -> long[B, h, w]`` to a feature resolution
-    (Alonso et al. and DGCL compare features at the head's stride and down-sample the labels, never the
-    reverse). Ignore values survive unchanged; no-op when the size already matches."""
-    if tuple(labels.shape[-2:]) == tuple(size):
-        return labels
-    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(labels.dtype)

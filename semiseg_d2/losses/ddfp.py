@@ -7,35 +7,32 @@ Paper -> code map and deviations: docs/methods/ddfp.md. Pieces:
     on a random subset of teacher pixel features.
   - :class:`DDFPTerm` (``ddfp``): the loss term. ``forward`` perturbs the strong (mixed) views' decoder input,
     re-decodes it with a separate BN set and returns the CE against the teacher's pseudo-labels;
-    ``update`` (after the model's optimizer step) trains the flow with its own Adam optimizer.
-The Adam state is written into the module's state dict (fixed-shape tensors), so any checkpoint of the
-model carries it.
+    ``update`` (after the model's optimizer step) trains the flow with its own Adam optimizer
+    (layers/online_adam.py, whose state is part of the term's state dict).
 """
 import logging
 import math
 from typing import Callable, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import get_norm
-from detectron2.utils import comm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.utils.logger import log_every_n_seconds
 from torch import nn
 
 from ..layers.flow import CouplingFlow
+from ..layers.label_ops import resize_labels, threshold_keep_mask
+from ..layers.online_adam import OnlineAdam
 from ..utils.dtype import upcast
-from .pseudo_label import pseudo_label_cross_entropy, threshold_keep_mask
+from .pseudo_label import pseudo_label_cross_entropy
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
 logger = logging.getLogger(__name__)
 
 _FLOW_TARGETS = ("mixture", "pseudo_label")
 _NORMALIZE = ("all", "kept")
-_OPT_PREFIX = "flow_optimizer."
-_OPT_FIELDS = ("exp_avg", "exp_avg_sq", "step")
 
 
 def _check_dim(flow_dim: int, feat_dim: int, where: str) -> None:
@@ -44,14 +41,6 @@ def _check_dim(flow_dim: int, feat_dim: int, where: str) -> None:
             f"SEMI.DDFP: {where} are {feat_dim}-d but the flow models {flow_dim}-d features "
             f"(the flow is built with MODEL.SEM_SEG_HEAD.CONVS_DIM)"
         )
-
-
-def resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Nearest resize of ``mask bool/long [B,H,W]`` to ``size`` (the reference resizes labels this way)."""
-    if tuple(mask.shape[-2:]) == tuple(size):
-        return mask
-    out = F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
-    return out.to(mask.dtype)
 
 
 def density_descending_perturbation(
@@ -180,9 +169,6 @@ class DDFPTerm(SemiLossTerm):
         self.eps = eps
         self.start_iter = start_iter
         self.flow_start_iter = flow_start_iter
-        self.flow_lr = flow_lr
-        self.flow_lr_end_factor = flow_lr_end_factor
-        self.flow_grad_clip = flow_grad_clip
         self.flow_samples = flow_samples
         self.flow_noise = flow_noise
         self.flow_unlabeled_target = flow_unlabeled_target
@@ -196,8 +182,10 @@ class DDFPTerm(SemiLossTerm):
             nn.ModuleList([get_norm(norm, feature_dim) or nn.Identity() for _ in range(decoder_norms)])
             if perturbed_bn else None
         )
-        self._flow_params = list(self.flow.parameters())
-        self.flow_optimizer = torch.optim.Adam(self._flow_params, lr=flow_lr, betas=tuple(flow_betas))
+        self.flow_optimizer = OnlineAdam(
+            self.flow.parameters(), lr=flow_lr, betas=flow_betas, lr_end_factor=flow_lr_end_factor,
+            grad_clip=flow_grad_clip,
+        )
         self.register_buffer("flow_skipped", torch.zeros((), dtype=torch.long))
         self.register_buffer("flow_nll", torch.zeros(()))
 
@@ -233,7 +221,7 @@ class DDFPTerm(SemiLossTerm):
         )
 
     def params_with_own_optimizer(self):
-        return list(self._flow_params)
+        return list(self.flow_optimizer.params)
 
     # ------------------------------------------------------------------ loss
     def _decoder(self, step):
@@ -267,7 +255,7 @@ class DDFPTerm(SemiLossTerm):
             return step.student_decode(x, norms=norms)[0]
 
         delta = density_descending_perturbation(
-            decode_features, self.flow, dec_in, resize_mask(keep, dec_in.shape[-2:]), self.eps
+            decode_features, self.flow, dec_in, resize_labels(keep, dec_in.shape[-2:]), self.eps
         )
         # The clean decoder input keeps its graph: the perturbed branch also trains the encoder (reference).
         _, logits_p = step.student_decode(dec_in + delta, norms=norms)
@@ -282,26 +270,27 @@ class DDFPTerm(SemiLossTerm):
     def flow_batch(self, step) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sampled teacher pixel features of labeled (class-conditional on GT) and weak unlabeled views
         (marginal, or class-conditional on confident pseudo-labels): ``(feats [k,D], labels [k], weight [k])``."""
-        teacher_labeled = getattr(step, "teacher_labeled", None) or {}
-        feats_l = teacher_labeled.get("features")
+        feats_l = step.teacher_labeled.get("features")
         if feats_l is None:
-            # Until the engine provides teacher outputs on labeled images: the student's (detached) features.
-            feats_l = step.student_labeled["features"]
+            raise RuntimeError(
+                "ddfp trains its flow on SemiStep.teacher_labeled['features'] (teacher features of the labeled "
+                "images); the engine provides it for terms with needs_teacher_labeled = True"
+            )
         feats_u = step.teacher_weak["features"]
         feats_l, feats_u = feats_l.detach(), feats_u.detach()
         _check_dim(self.flow.dim, feats_l.shape[1], "labeled features")
         _check_dim(self.flow.dim, feats_u.shape[1], "unlabeled teacher features")
 
-        labels_l = resize_mask(step.labeled_targets, feats_l.shape[-2:])
+        labels_l = resize_labels(step.labeled_targets, feats_l.shape[-2:])
         valid_l = labels_l != self.ignore_value
         tw = step.teacher_weak
         if self.flow_unlabeled_target == "mixture":
-            valid_u = resize_mask(tw["valid"], feats_u.shape[-2:])
+            valid_u = resize_labels(tw["valid"], feats_u.shape[-2:])
             labels_u = torch.full_like(valid_u, -1, dtype=torch.long)
         else:
             keep = threshold_keep_mask(tw["confidence"], tw["valid"], self.threshold)
-            valid_u = resize_mask(keep, feats_u.shape[-2:])
-            labels_u = resize_mask(tw["pseudo_label"], feats_u.shape[-2:])
+            valid_u = resize_labels(keep, feats_u.shape[-2:])
+            labels_u = resize_labels(tw["pseudo_label"], feats_u.shape[-2:])
         labels = torch.cat([labels_l.flatten(), labels_u.flatten()])
         labels = torch.where(labels == self.ignore_value, torch.full_like(labels, -1), labels)
         valid = torch.cat([valid_l.flatten(), valid_u.flatten()])
@@ -317,42 +306,14 @@ class DDFPTerm(SemiLossTerm):
             x = x + self.flow_noise * torch.randn_like(x)
         return x, labels[index], weight.float()
 
-    def _all_reduce_grads(self, grads, loss):
-        """Average flow gradients (and the loss) over ranks, in one flat buffer (DDP does not: the flow
-        is trained outside the model's backward)."""
-        world = comm.get_world_size()
-        if world == 1:
-            return grads, loss
-        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)])
-        dist.all_reduce(flat)
-        flat /= world
-        out, offset = [], 0
-        for g in grads:
-            out.append(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-        return out, flat[-1]
-
     def update(self, step) -> None:
         if step.iteration < self.flow_start_iter:
             return
-        lr = self.flow_lr * self.flow_lr_end_factor ** step.progress
-        for group in self.flow_optimizer.param_groups:
-            group["lr"] = lr
         with torch.enable_grad(), torch.autocast(step.labeled_images.device.type, enabled=False):
             x, labels, weight = self.flow_batch(step)
             loss = flow_nll(self.flow, x, labels, weight)
-            grads = torch.autograd.grad(loss, self._flow_params)
-        grads, loss = self._all_reduce_grads(grads, loss.detach())
-        for p, g in zip(self._flow_params, grads):
-            p.grad = g
-        if self.flow_grad_clip > 0:
-            total = torch.nn.utils.clip_grad_norm_(self._flow_params, self.flow_grad_clip)
-        else:
-            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        # The term's one host sync: a non-finite flow loss/gradient (e.g. log-det overflow) skips the flow
-        # step instead of writing NaN into the flow (and, through the next perturbation, the student).
-        # Identical on every rank (reduced values), so ranks stay in step.
-        if not bool(torch.isfinite(total) & torch.isfinite(loss)):
+        loss, stepped = self.flow_optimizer.step(loss, step.progress)
+        if not stepped:
             self.flow_skipped += 1
             log_every_n_seconds(
                 logging.WARNING,
@@ -362,53 +323,4 @@ class DDFPTerm(SemiLossTerm):
                 name=__name__,
             )
         else:
-            self.flow_optimizer.step()
             self.flow_nll.copy_(loss)
-        for p in self._flow_params:
-            p.grad = None
-
-    # ------------------------------------------------------------------ checkpointing of the Adam state
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        # Fixed shapes whatever the optimizer has done (zeros before its first step), so detectron2's
-        # shape-checking checkpointer and strict loading treat them like any buffer.
-        for i, p in enumerate(self._flow_params):
-            state = self.flow_optimizer.state.get(p, {})
-            destination[f"{prefix}{_OPT_PREFIX}exp_avg.{i}"] = state.get("exp_avg", torch.zeros_like(p)).detach()
-            destination[f"{prefix}{_OPT_PREFIX}exp_avg_sq.{i}"] = state.get(
-                "exp_avg_sq", torch.zeros_like(p)
-            ).detach()
-            destination[f"{prefix}{_OPT_PREFIX}step.{i}"] = state.get("step", torch.zeros(())).detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        opt_prefix = prefix + _OPT_PREFIX
-        rest = {k: v for k, v in state_dict.items() if not k.startswith(opt_prefix)}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        new_state = {}
-        for i, p in enumerate(self._flow_params):
-            keys = {f: f"{opt_prefix}{f}.{i}" for f in _OPT_FIELDS}
-            absent = [k for k in keys.values() if k not in state_dict]
-            if absent:
-                missing_keys.extend(absent)
-                continue
-            avg, avg_sq, step = (state_dict[keys[f]] for f in _OPT_FIELDS)
-            if avg.shape != p.shape or avg_sq.shape != p.shape:
-                error_msgs.append(
-                    f"{keys['exp_avg']}: Adam state of shape {tuple(avg.shape)}, flow parameter {tuple(p.shape)}"
-                )
-                continue
-            step = step.detach().to("cpu", torch.float32).clone().reshape(())
-            if float(step) > 0:  # a never-stepped optimizer has an empty state
-                new_state[p] = {
-                    "step": step,
-                    "exp_avg": avg.detach().to(p.device, p.dtype).clone(),
-                    "exp_avg_sq": avg_sq.detach().to(p.device, p.dtype).clone(),
-                }
-        for k in state_dict:
-            if k.startswith(opt_prefix):
-                field_name, _, idx = k[len(opt_prefix):].rpartition(".")
-                if field_name not in _OPT_FIELDS or not idx.isdigit() or int(idx) >= len(self._flow_params):
-                    unexpected_keys.append(k)
-        self.flow_optimizer.state.clear()
-        self.flow_optimizer.state.update(new_state)

@@ -23,6 +23,7 @@ from detectron2.config import configurable
 
 from ..layers.density import class_density_blocked, knn_density_grouped
 from ..layers.distributed import gather_for_enqueue
+from ..layers.label_ops import entropy_keep_mask, resize_labels, softmax_entropy
 from ..layers.memory_bank import ClassMemoryBank
 from ..utils.dtype import upcast
 from .contrastive import (
@@ -32,7 +33,6 @@ from .contrastive import (
     info_nce,
     sample_negatives_per_class,
 )
-from .pseudo_label import entropy_keep_mask, softmax_entropy
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
 _BANK_SOURCES = ("student", "teacher")
@@ -230,9 +230,7 @@ class DGCLTerm(SemiLossTerm):
         resolution, the highest-entropy ``drop_percent_at(step)`` % of valid pixels set to ignore.
         """
         h, w = size
-        gt = step.labeled_targets
-        if gt.shape[-2:] != (h, w):
-            gt = F.interpolate(gt[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+        gt = resize_labels(step.labeled_targets, (h, w))
         logits = upcast(step.teacher_weak["logits"])
         if logits.shape[-2:] != (h, w):
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
@@ -241,8 +239,8 @@ class DGCLTerm(SemiLossTerm):
         valid = step.unlabeled_valid
         if valid is None:
             valid = torch.ones_like(pseudo, dtype=torch.bool)
-        elif valid.shape[-2:] != (h, w):
-            valid = F.interpolate(valid[:, None].float(), size=(h, w), mode="nearest")[:, 0].bool()
+        else:
+            valid = resize_labels(valid, (h, w))
         keep = entropy_keep_mask(softmax_entropy(probs), valid, self.drop_percent_at(step))
         pseudo = torch.where(keep, pseudo, torch.full_like(pseudo, self.ignore_value))
         return torch.cat([gt.long(), pseudo])

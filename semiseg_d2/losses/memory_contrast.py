@@ -1,5 +1,5 @@
-"""Pixel-level contrastive learning from a class-wise memory bank (Alonso et al., ICCV 2021) and direct entropy
-minimisation: the ``memory_contrast`` and ``entropy`` terms. Paper -> code map: docs/methods/memory_contrast.md.
+"""Pixel-level contrastive learning from a class-wise memory bank (Alonso et al., ICCV 2021): the ``memory_contrast``
+term. Paper -> code map: docs/methods/memory_contrast.md.
 
 ``memory_contrast`` (paper Sec. 3.4, Eqs. 8-11):
   student features V (head "features") -> projection Z = g(V) -> prediction P = q(Z); per class c, an attention
@@ -8,128 +8,29 @@ minimisation: the ``memory_contrast`` and ``entropy`` terms. Paper -> code map: 
   (teacher pseudo-label) pixels. The memory holds teacher projections g_xi(f_xi(x_l)) of labeled pixels that the
   teacher classifies correctly with confidence > phi, the top-K per image and class by the teacher's memory
   selector S_{c,xi}. The term keeps its own EMA copies of the projection head and memory selectors (g_xi, S_xi).
-``entropy`` (Eq. 7): mean entropy of the student's softmax on the strong (mixed) unlabeled views.
 """
 import copy
-import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from torch import nn
 
-from ..layers.distributed import gather_for_enqueue, sum_over_ranks
+from ..layers.class_attention import ClassAttentionSelectors
+from ..layers.distributed import gather_for_enqueue
 from ..layers.ema import ema_momentum, ema_update_
-from ..layers.memory_bank import ClassMemoryBank, class_row_blocks, topk_per_class_per_image
+from ..layers.label_ops import resize_labels
+from ..layers.memory_bank import ClassMemoryBank, topk_per_class_per_image
 from ..utils.dtype import upcast
-from .contrastive import ProjectionHead, flatten_pixels, resize_labels
+from .contrastive import ProjectionHead, flatten_pixels
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
 __all__ = [
-    "ClassBatchNorm",
-    "ClassAttentionSelectors",
     "memory_contrast_loss",
     "quality_filter",
     "head_feature_dim",
     "MemoryContrastTerm",
-    "EntropyTerm",
 ]
-
-
-# ---------------------------------------------------------------------------------------------- selectors
-class ClassBatchNorm(nn.Module):
-    """BatchNorm1d with its own statistics and affine parameters for every class, batched over classes.
-
-    ``forward(x [N, H], labels long[N] in [0, C), mask bool[N] or None) -> [N, H]``: row n is normalised with the
-    statistics of the (masked-in) rows of its class. Training mode: batch statistics per class (biased variance,
-    like BatchNorm1d), running statistics updated for classes present in the batch (variance: those with >= 2
-    rows); eval mode: running statistics. A class with a single row is normalised to its bias (BatchNorm1d
-    raises there). No host sync. ``sync=True`` (``MODEL.SEM_SEG_HEAD.NORM`` "SyncBN") takes the batch statistics
-    over every rank's rows, differentiably, as SyncBatchNorm does.
-    """
-
-    def __init__(self, num_classes: int, dim: int, eps: float = 1e-5, momentum: float = 0.1, sync: bool = False):
-        super().__init__()
-        self.eps = eps
-        self.momentum = momentum
-        self.sync = bool(sync)
-        self.weight = nn.Parameter(torch.ones(num_classes, dim))
-        self.bias = nn.Parameter(torch.zeros(num_classes, dim))
-        self.register_buffer("running_mean", torch.zeros(num_classes, dim))
-        self.register_buffer("running_var", torch.ones(num_classes, dim))
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = upcast(x)
-        if self.training:
-            C, H = self.running_mean.shape
-            w = torch.ones_like(labels, dtype=x.dtype) if mask is None else mask.to(x.dtype)
-            total = sum_over_ranks if self.sync else (lambda t: t)
-            n = total(x.new_zeros(C).index_add_(0, labels, w))
-            denom = n.clamp_min(1.0)[:, None]
-            mean = total(x.new_zeros(C, H).index_add_(0, labels, x * w[:, None])) / denom
-            centred = x - mean[labels]
-            var = total(x.new_zeros(C, H).index_add_(0, labels, centred.square() * w[:, None])) / denom
-            with torch.no_grad():
-                m = self.momentum
-                present = (n > 0)[:, None]
-                self.running_mean.copy_(torch.where(present, (1 - m) * self.running_mean + m * mean, self.running_mean))
-                unbiased = var * (n / (n - 1).clamp_min(1.0))[:, None]
-                self.running_var.copy_(
-                    torch.where((n > 1)[:, None], (1 - m) * self.running_var + m * unbiased, self.running_var)
-                )
-        else:
-            mean, var = self.running_mean, self.running_var
-            centred = x - mean[labels]
-        return centred * torch.rsqrt(var[labels] + self.eps) * self.weight[labels] + self.bias[labels]
-
-
-class ClassAttentionSelectors(nn.Module):
-    """C class-specific attention modules S_c = Linear(D, H) - BN - LeakyReLU(0.2) - Linear(H, 1) - sigmoid
-    (paper Sec. 4.2), stored as ``[C, ...]`` tensors and applied batched over classes.
-
-    - :meth:`score_pixels` ``(x [N, D], labels long[N]) -> [N]``: each row through its own class's module
-      (rows grouped into class blocks, one bmm with each block's class weights: no per-class loop or host sync).
-    - :meth:`score_per_class` ``(x [C, M, D], valid bool[C, M]) -> [C, M]``: row c through module c (one bmm),
-      BN statistics over the valid entries of each class.
-    Rows whose label is outside [0, C) are scored with class 0's module and must be masked by the caller.
-    """
-
-    def __init__(self, num_classes: int, dim: int, hidden_dim: int = 256, negative_slope: float = 0.2,
-                 sync_norm: bool = False):
-        super().__init__()
-        self.num_classes, self.dim, self.hidden_dim = int(num_classes), int(dim), int(hidden_dim)
-        self.negative_slope = negative_slope
-        bound1, bound2 = 1.0 / math.sqrt(dim), 1.0 / math.sqrt(hidden_dim)  # nn.Linear's default init
-        self.weight1 = nn.Parameter(torch.empty(num_classes, dim, hidden_dim).uniform_(-bound1, bound1))
-        self.bias1 = nn.Parameter(torch.empty(num_classes, hidden_dim).uniform_(-bound1, bound1))
-        self.norm = ClassBatchNorm(num_classes, hidden_dim, sync=sync_norm)
-        self.weight2 = nn.Parameter(torch.empty(num_classes, hidden_dim).uniform_(-bound2, bound2))
-        self.bias2 = nn.Parameter(torch.empty(num_classes).uniform_(-bound2, bound2))
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, dim={self.dim}, hidden_dim={self.hidden_dim}"
-
-    def _tail(self, h: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        h = F.leaky_relu(self.norm(h, labels, mask), self.negative_slope)
-        return torch.sigmoid((h * self.weight2[labels]).sum(-1) + self.bias2[labels])
-
-    def score_pixels(self, x: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        C = self.num_classes
-        labels = labels.clamp(0, C - 1)
-        # Rows in class blocks, each through its own class's first layer only (one bmm): about 4 blocks per class,
-        # so padding adds at most a quarter of the rows and the gathered weights stay ~4C copies.
-        block = max(64, -(-labels.numel() // (4 * C)))
-        rows, _, block_class, slot = class_row_blocks(labels, C, block)
-        h = torch.bmm(x[rows], self.weight1.to(x.dtype)[block_class]).flatten(0, 1)[slot]
-        h = upcast(h) + self.bias1[labels]
-        return self._tail(h, labels, mask)
-
-    def score_per_class(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        C, M, _ = x.shape
-        h = torch.baddbmm(self.bias1[:, None, :], upcast(x), upcast(self.weight1))  # [C, M, H]
-        labels = torch.arange(C, device=x.device).repeat_interleave(M)
-        return self._tail(h.reshape(C * M, -1), labels, valid.reshape(-1)).view(C, M)
 
 
 # ---------------------------------------------------------------------------------------------- the loss
@@ -438,36 +339,3 @@ class MemoryContrastTerm(SemiLossTerm):
         m = ema_momentum(self.ema_schedule, self.ema_base, t, T)
         ema_update_(self.teacher_projection, self.projection, m)
         ema_update_(self.teacher_memory_selector, self.memory_selector, m)
-
-
-@SEMI_LOSS_REGISTRY.register_term
-class EntropyTerm(SemiLossTerm):
-    """``entropy``: direct entropy minimisation (Eq. 7) of the student's softmax on the strong (mixed) unlabeled
-    views, averaged over valid pixels at crop resolution; ``NORMALIZE`` divides by log C (reference code)."""
-
-    name = "entropy"
-
-    @configurable
-    def __init__(self, *, weight: float = 0.01, start_iter: int = 0, normalize: bool = False):
-        super().__init__()
-        self.weight = weight
-        self.start_iter = start_iter
-        self.normalize = normalize
-
-    @classmethod
-    def from_config(cls, cfg):
-        c = cfg.SEMI.ENTROPY
-        return dict(weight=c.WEIGHT, start_iter=c.START_ITER, normalize=c.NORMALIZE)
-
-    def forward(self, step) -> Dict[str, torch.Tensor]:
-        logits = step.student_strong["logits"]
-        valid = step.teacher_strong["valid"]
-        if logits.shape[-2:] != valid.shape[-2:]:
-            logits = F.interpolate(logits, size=valid.shape[-2:], mode="bilinear", align_corners=False)
-        logp = F.log_softmax(upcast(logits), dim=1)
-        ent = -(logp.exp() * logp).sum(1)
-        loss = (ent * valid.float()).sum() / valid.sum().clamp_min(1).float()
-        if self.normalize:
-            loss = loss / math.log(logits.shape[1])
-        scale = self.weight if step.iteration >= self.start_iter else 0.0
-        return {"loss_entropy": loss * scale}

@@ -1,8 +1,5 @@
-"""Pseudo-label filtering (FixMatch/UniMatch threshold, U2PL/DGCL entropy quantile, Alonso p^s) and
-the ``pseudo_label`` term: cross-entropy of the student on strong (mixed) views against the teacher.
-
-The filters are pure functions shared by every term that reads pseudo-labels (DGCL's contrastive
-term and memory use ``entropy_keep_mask`` with their own percentage).
+"""The ``pseudo_label`` term: cross-entropy of the student on strong (mixed) views against the teacher, with the
+FixMatch/UniMatch threshold or U2PL/DGCL entropy-quantile filter (layers/label_ops.py) and Alonso's p^s weights.
 """
 import math
 
@@ -10,43 +7,9 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 
+from ..layers.label_ops import entropy_keep_mask, threshold_keep_mask
 from ..utils.dtype import upcast
-
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
-
-
-def softmax_entropy(probs: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Entropy ``-sum p log p`` over ``dim`` (``probs [B,C,H,W]`` -> ``[B,H,W]``), computed in fp32."""
-    p = upcast(probs)
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
-
-
-def threshold_keep_mask(confidence: torch.Tensor, valid: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Keep valid pixels whose teacher confidence is ``>= threshold`` (FixMatch/UniMatch).
-
-    confidence: [B,H,W] float; valid: [B,H,W] bool -> [B,H,W] bool.
-    """
-    return valid & (confidence >= threshold)
-
-
-def entropy_keep_mask(entropy: torch.Tensor, valid: torch.Tensor, drop_percent) -> torch.Tensor:
-    """Drop the ``drop_percent`` % highest-entropy valid pixels of the whole batch (U2PL/DGCL).
-
-    Exactly ``floor(n_valid * drop_percent / 100)`` pixels are dropped (ties broken by position), so a
-    constant map is handled like any other. U2PL thresholds at ``np.percentile`` with ``>=``, which drops
-    the maximum pixel(s) even at 0 %; the rank form here drops none at 0 % and needs no host sync.
-
-    entropy: [B,H,W] float; valid: [B,H,W] bool; drop_percent: float or 0-d tensor -> [B,H,W] bool.
-    """
-    entropy = upcast(entropy)
-    flat = torch.where(valid, entropy, torch.full_like(entropy, float("-inf")))
-    flat = flat.flatten()
-    order = torch.argsort(flat, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
-    n_valid = valid.sum()
-    n_drop = torch.floor(n_valid.to(torch.float64) * float(drop_percent) / 100.0).long()
-    return valid & (rank >= n_drop).view_as(valid)
 
 
 def rampup_factor(kind: str, iteration: int, start: int, length: int) -> float:

@@ -3,9 +3,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
-from ..data.transforms import mix
+from ..layers.label_ops import resize_labels
+from ..layers.perturbation import mix
 from .step_record import StepRecord
 
 
@@ -71,10 +71,7 @@ class SemiStep(StepRecord):
         """Mix ``x [Bu, ..., h, w]`` like the strong images (mask resized nearest to ``h, w``)."""
         if self.mix_mask is None:
             return x
-        mask = self.mix_mask
-        if mask.shape[-2:] != x.shape[-2:]:
-            mask = F.interpolate(mask[:, None].float(), size=x.shape[-2:], mode="nearest")[:, 0].bool()
-        return mix(x, mask, self.mix_partner)
+        return mix(x, resize_labels(self.mix_mask, x.shape[-2:]), self.mix_partner)
 
     def pixel_class_weights(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
         """``class_weights[labels]`` for ``labels long[B,H,W]`` (ignored pixels get 0); None when unset."""

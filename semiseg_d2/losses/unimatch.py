@@ -10,7 +10,8 @@ the official normalisation: the cross-entropy summed over the pixels whose teach
 import torch
 from detectron2.config import configurable
 
-from .pseudo_label import pseudo_label_cross_entropy, threshold_keep_mask
+from ..layers.label_ops import threshold_keep_mask
+from .pseudo_label import pseudo_label_cross_entropy
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
 

@@ -4,35 +4,16 @@ complementary channel dropout. Paper -> code map and deviations: docs/methods/un
 Official total loss (LiheYoung/UniMatch-V2 ``unimatch_v2.py``): ``(L_x + (L_s1 + L_s2) / 2) / 2`` with
 ``L_s = sum(CE * [conf >= 0.95] * valid) / sum(valid)`` per stream. Here ``L_x`` is the ``supervised`` term
 (``SEMI.SUPERVISED.WEIGHT`` 0.5 in the configs) and this term returns ``loss_unimatch_v2_s1`` / ``_s2``, each
-``L_s * WEIGHT_S * LOSS_SCALE`` (0.5 * 0.5). The dropout itself (``complementary_channel_masks``) is applied by the
-engine to the student's backbone features of the two strong streams (``Segmentor.extract(channel_scale=...)``).
+``L_s * WEIGHT_S * LOSS_SCALE`` (0.5 * 0.5). The dropout itself (``layers.perturbation.complementary_channel_masks``)
+is applied by the engine to the student's backbone features of the two strong streams
+(``Segmentor.extract(channel_scale=...)``).
 """
-import torch
 from detectron2.config import configurable
 
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 from .unimatch import unimatch_stream_loss
 
-__all__ = ["UniMatchV2Term", "complementary_channel_masks"]
-
-
-def complementary_channel_masks(pairs: int, channels: int, unperturbed_fraction: float = 0.5, *,
-                                device=None, generator=None) -> torch.Tensor:
-    """Channel scales for ``cat(strong1, strong2)`` of ``pairs`` images each -> ``[2 * pairs, channels]`` float.
-
-    Image ``j`` of the first stream gets ``m_j = 2 * Bernoulli(0.5)`` per channel (0 or 2), image ``j`` of the
-    second ``2 - m_j``: together the two views see every channel once, at twice its value. A random
-    ``int(pairs * unperturbed_fraction)`` of the pairs keep all channels (scale 1 in both): the official
-    ``num_kept = int(bs // 2 * (1 - dropout_prob))`` with ``dropout_prob = 0.5``.
-    """
-    if not 0.0 <= unperturbed_fraction <= 1.0:
-        raise ValueError(f"unperturbed_fraction must lie in [0, 1], got {unperturbed_fraction}")
-    m1 = torch.randint(0, 2, (pairs, channels), generator=generator).float() * 2.0
-    m2 = 2.0 - m1
-    kept = torch.randperm(pairs, generator=generator)[: int(pairs * unperturbed_fraction)]
-    m1[kept] = 1.0
-    m2[kept] = 1.0
-    return torch.cat([m1, m2]).to(device)
+__all__ = ["UniMatchV2Term"]
 
 
 @SEMI_LOSS_REGISTRY.register_term

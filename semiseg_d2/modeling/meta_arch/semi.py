@@ -36,12 +36,17 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ...config import check_semiseg_config, check_teacher_mode
-from ...data.transforms import classmix_masks, cutmix_masks, mix, shifted_partner_index
 from ...evaluation.pseudo_label_diagnostics import PseudoLabelDiagnostics
-from ...losses.pseudo_label import softmax_entropy
+from ...layers.label_ops import softmax_entropy
+from ...layers.perturbation import (
+    classmix_masks,
+    complementary_channel_masks,
+    cutmix_masks,
+    mix,
+    shifted_partner_index,
+)
 from ...losses.registry import build_loss_terms
 from ...losses.step import SemiStep
-from ...losses.unimatch_v2 import complementary_channel_masks
 from ...utils.dtype import upcast
 from ...utils.visualizer import denormalize, semi_step_pictures
 from .segmentor import Segmentor
