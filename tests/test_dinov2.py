@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 from semiseg_d2.engine.checkpoint import SemiSegCheckpointer
 from semiseg_d2.engine.optimizer import build_optimizer
@@ -258,8 +259,8 @@ def _backbone_grad(model):
 def _steps(model, term_loss, steps):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     for it in range(steps):
-        model.iteration = it
-        losses = model(fake_batch(h=56, w=70, seed=it))
+        with EventStorage(it):  # the step's iteration (the trainer's storage)
+            losses = model(fake_batch(h=56, w=70, seed=it))
         model.pop_metrics()
         assert all(torch.isfinite(v) for v in losses.values()), losses
         opt.zero_grad()

@@ -240,8 +240,7 @@ def test_semi_step_trains_the_student_on_the_filtered_teacher_outputs(shapes, tm
         return real_train_pass(net, inputs, targets)
 
     model._train_pass = train_pass
-    model.iteration = cfg.SEMI.BURN_IN_ITERS
-    with EventStorage(0):
+    with EventStorage(cfg.SEMI.BURN_IN_ITERS):
         step = model.compute_step(labeled, unlabeled)
         losses = model.run_terms(step)
     assert [len(p) for p in step.pseudo_instances] == [1, 0]

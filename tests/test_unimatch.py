@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 from semiseg_d2.data.mapper import UnlabeledDatasetMapper
 from semiseg_d2.losses.registry import SEMI_LOSS_REGISTRY
@@ -313,8 +314,8 @@ def test_unimatch_combines_with_dgcl_in_one_run():
     model = build_model(cfg)
     model.train()
     for it in range(2):  # the bank fills after the first step, DGCL's loss runs on the second
-        model.iteration = it
-        losses = model(unimatch_batch(seed=it))
+        with EventStorage(it):
+            losses = model(unimatch_batch(seed=it))
         total = sum(losses.values())
         total.backward()
         model.after_optimizer_step()

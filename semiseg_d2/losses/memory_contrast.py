@@ -433,6 +433,12 @@ class MemoryContrastTerm(SemiLossTerm):
     def candidates(self, step) -> Tuple[torch.Tensor, torch.Tensor]:
         """Bank candidates of this rank: teacher projections of filtered labeled pixels, top-K per image and class
         by the teacher's memory selector. Returns (values [K, projection_dim], labels long[K])."""
+        if self.per_class_per_image is None:
+            raise ValueError(
+                "memory_contrast: K = max(1, BANK_SIZE / |X_l|) bank entries per image and class needs |X_l|: set "
+                "SEMI.MEMORY_CONTRAST.NUM_LABELED or PER_CLASS_PER_IMAGE (SemiSegTrainer counts the images of "
+                "BANK_DATASETS / DATASETS.TRAIN_LABELED when both are 0)"
+            )
         t = getattr(step, "teacher_labeled", None)
         if not t:
             raise RuntimeError(
@@ -454,12 +460,6 @@ class MemoryContrastTerm(SemiLossTerm):
         image = torch.div(idx, h * w, rounding_mode="floor")
         z = self.teacher_projection(upcast(flatten_pixels(feats)[idx]))
         scores = self.teacher_memory_selector.score_pixels(z, labels)
-        if self.per_class_per_image is None:
-            raise ValueError(
-                "memory_contrast: K = max(1, BANK_SIZE / |X_l|) bank entries per image and class needs |X_l|: set "
-                "SEMI.MEMORY_CONTRAST.NUM_LABELED or PER_CLASS_PER_IMAGE (SemiSegTrainer counts the images of "
-                "BANK_DATASETS / DATASETS.TRAIN_LABELED when both are 0)"
-            )
         top = topk_per_class_per_image(scores, labels, image, self.per_class_per_image, self.num_classes, B)
         return z[top], labels[top]
 
