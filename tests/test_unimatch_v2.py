@@ -6,6 +6,7 @@ from detectron2.utils.events import EventStorage
 
 from semiseg_d2.layers.ema import ema_momentum
 from semiseg_d2.losses.registry import SEMI_LOSS_REGISTRY
+from semiseg_d2.modeling.heads.spec import HeadSpec
 from semiseg_d2.losses.step import SemiStep
 from semiseg_d2.losses.unimatch_v2 import complementary_channel_masks
 from tests.tiny import apply_overrides, fake_batch, tiny_vit_cfg
@@ -100,7 +101,8 @@ def test_loss_equals_the_official_formula():
     expected = _official_unimatch_v2_loss(pred_x, mask_x, pred_s1, pred_s2, mask_w, conf_w, ignore, box1, box2,
                                           partner, thr)
     cfg = _cfg(**{"SEMI.UNIMATCH_V2.THRESHOLD": thr, "MODEL.SEM_SEG_HEAD.NUM_CLASSES": c})
-    sup, term = SEMI_LOSS_REGISTRY.get("supervised")(cfg), SEMI_LOSS_REGISTRY.get("unimatch_v2")(cfg)
+    spec = HeadSpec("TestHead", num_classes=c, feature_dim=32)  # neither term reads the head's widths
+    sup, term = SEMI_LOSS_REGISTRY.get("supervised")(cfg, spec), SEMI_LOSS_REGISTRY.get("unimatch_v2")(cfg, spec)
     valid = ignore != 255
     weak = {"confidence": conf_w, "pseudo_label": torch.where(valid, mask_w, torch.full_like(mask_w, 255)),
             "valid": valid}
