@@ -165,7 +165,7 @@ def test_dpt_outputs_logits_features_and_decoder_input_at_8x_the_token_grid():
     x = torch.randn(2, 3, 42, 70)  # token grid 3 x 5 (odd sides: the stride-2 conv rounds up)
     out = model.extract(x)
     head = model.sem_seg_head
-    assert head.feature_dim == model.feature_dim == 16 and head.num_decoder_norms == len(head.decoder_norms) == 1
+    assert head.feature_dim == model.feature_dim == 16 and head.spec().num_decoder_norms == len(head.decoder_norms) == 1
     assert out["logits"].shape == (2, 11, 24, 40)
     assert out["features"].shape == out["decoder_input"].shape == (2, 16, 24, 40)
     feats, logits = head.decode(out["decoder_input"])
