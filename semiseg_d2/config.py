@@ -117,7 +117,17 @@ AT_LEAST_1 = Range(1)  # sizes and counts
 UNIT = Range(0, 1)  # probabilities, confidence thresholds, fractions
 UNIT_OPEN = Range(0, 1, hi_open=True)  # momenta and dropout rates (1 would freeze / drop everything)
 PERCENT = Range(0, 100)
-ITERATION = Range(0, "SOLVER.MAX_ITER")  # an iteration of the run
+
+
+class IterationCount(Range):
+    """An iteration count of the run's schedule (an iteration, a start iteration, a ramp length): allowed in
+    ``[0, SOLVER.MAX_ITER]``, and rescaled with the schedule (:func:`schedule_keys`)."""
+
+    def __init__(self):
+        super().__init__(0, "SOLVER.MAX_ITER")
+
+
+ITERATION = IterationCount()  # declare(cfg, key, default, ITERATION) makes ``key`` one of the schedule_keys
 
 SCHEMA: Dict[str, Check] = {}  # dotted key -> its check, filled by declare() (add_semiseg_config and projects)
 _DECLARED_HERE = False  # add_semiseg_config's declare()s ran in this process
@@ -153,15 +163,14 @@ def _inactive_term(cfg: CN, key: str, term_names: Sequence[str]) -> bool:
     return term in term_names and term not in [str(t).lower() for t in cfg.SEMI.LOSSES]
 
 
-def range_errors(cfg: CN, keys: Optional[Sequence[str]] = None) -> List[str]:
-    """One line per declared key (or of ``keys``) of ``cfg`` whose value its check refuses; keys of a loss
-    term that ``SEMI.LOSSES`` does not list are skipped."""
+def _declared_and_read(cfg: CN, keys: Optional[Sequence[str]] = None):
+    """(key, check, value) of every declared key (or of ``keys``) that ``cfg`` has and that is read: keys of a loss
+    term that ``SEMI.LOSSES`` does not list are left out."""
     from .losses.registry import SEMI_LOSS_REGISTRY  # noqa: PLC0415  the registry imports modules that import this one
 
     if not _DECLARED_HERE:
         get_semiseg_cfg()  # a process given a pickled config (DDP spawn) never ran add_semiseg_config's declare()s
     term_names = [name.lower() for name, _ in SEMI_LOSS_REGISTRY]
-    errors = []
     for key in keys if keys is not None else list(SCHEMA):
         check = SCHEMA.get(key)
         try:
@@ -170,6 +179,23 @@ def range_errors(cfg: CN, keys: Optional[Sequence[str]] = None) -> List[str]:
             continue  # declared by a project whose keys this config does not have
         if check is None or _inactive_term(cfg, key, term_names):
             continue
+        yield key, check, value
+
+
+def schedule_keys(cfg: CN) -> List[str]:
+    """The iteration counts of ``cfg``'s schedule that semiseg_d2 and its loss terms declare (with :data:`ITERATION`:
+    SEMI.BURN_IN_ITERS, each running term's start iterations and ramp lengths), in declaration order. The trainer
+    rescales them with SOLVER.REFERENCE_WORLD_SIZE and tools/run_study.py with --schedule-scale, next to detectron2's
+    own SOLVER.MAX_ITER / WARMUP_ITERS / ... (not listed here). Keys of terms not in SEMI.LOSSES are not read and
+    not listed."""
+    return [key for key, check, _ in _declared_and_read(cfg) if isinstance(check, IterationCount)]
+
+
+def range_errors(cfg: CN, keys: Optional[Sequence[str]] = None) -> List[str]:
+    """One line per declared key (or of ``keys``) of ``cfg`` whose value its check refuses; keys of a loss
+    term that ``SEMI.LOSSES`` does not list are skipped."""
+    errors = []
+    for key, check, value in _declared_and_read(cfg, keys):
         problem = check.problem(value, cfg)
         if problem is not None:
             errors.append(f"{key} = {value!r}: {problem}; allowed: {check.describe(cfg)}")
@@ -405,155 +431,19 @@ def add_semiseg_config(cfg: CN) -> CN:
     declare(cfg, "SEMI.VIS_PERIOD", 0, NON_NEGATIVE)
     cfg.SEMI.NONFINITE_CHECK = True  # stop on NaN/inf loss naming the iteration and the term
 
-    # supervised term: CE/OHEM on labeled pixels (+ aux head), as in MODEL.SEM_SEG_HEAD.LOSS_*
-    cfg.SEMI.SUPERVISED = CN()
-    declare(cfg, "SEMI.SUPERVISED.WEIGHT", 1.0, NON_NEGATIVE)
+    # Each loss term declares its keys SEMI.<TERM>.* beside it (losses/<term>.py, add_<term>_config), in this order;
+    # imported here, not at the top: the term modules import this one.
+    from .losses import class_balance, ddfp, dgcl, entropy, memory_contrast, pseudo_label, supervised, unimatch, unimatch_v2  # noqa: PLC0415
+    supervised.add_supervised_config(cfg)
+    pseudo_label.add_pseudo_label_config(cfg)
+    ddfp.add_ddfp_config(cfg)
+    unimatch.add_unimatch_config(cfg)
+    unimatch_v2.add_unimatch_v2_config(cfg)
+    dgcl.add_dgcl_config(cfg)
+    memory_contrast.add_memory_contrast_config(cfg)
+    entropy.add_entropy_config(cfg)
+    class_balance.add_class_balance_config(cfg)
 
-    # pseudo_label term: CE of the student on strong (mixed) views against the teacher's pseudo-labels
-    cfg.SEMI.PSEUDO_LABEL = CN()
-    declare(cfg, "SEMI.PSEUDO_LABEL.WEIGHT", 1.0, NON_NEGATIVE)
-    # "none", "threshold" (keep confidence >= THRESHOLD, FixMatch/UniMatch) or
-    # "entropy" (drop the DROP_PERCENT * (1 - t) % highest-entropy pixels, U2PL/DGCL; t = progress of the
-    # semi-supervised phase, 0 at the end of BURN_IN_ITERS)
-    cfg.SEMI.PSEUDO_LABEL.FILTER = "threshold"
-    declare(cfg, "SEMI.PSEUDO_LABEL.THRESHOLD", 0.95, UNIT)
-    declare(cfg, "SEMI.PSEUDO_LABEL.DROP_PERCENT", 20.0, PERCENT)
-    # s > 0: weight each pixel by p^s (Alonso et al., s = 6)
-    declare(cfg, "SEMI.PSEUDO_LABEL.CONF_POWER", 0.0, NON_NEGATIVE)
-    # Loss normalisation: "all" divides by every valid unlabeled pixel (UniMatch), "kept" by kept ones,
-    # "u2pl" = mean over kept x (B*H*W / kept), what U2PL/DGCL's code computes (docs/methods/dgcl.md).
-    cfg.SEMI.PSEUDO_LABEL.NORMALIZE = "all"
-    cfg.SEMI.PSEUDO_LABEL.RAMPUP = "none"  # "none", "sigmoid" (exp(-5(1-t)^2)) or "linear"
-    declare(cfg, "SEMI.PSEUDO_LABEL.RAMPUP_ITERS", 0, ITERATION)  # ramp length after burn-in
-    declare(cfg, "SEMI.PSEUDO_LABEL.START_ITER", 0, ITERATION)  # term is zero before this iteration (Alonso: 2000)
-
-    # ddfp term (Wang et al., CVPR 2024): CE of the student's decoder on density-descending perturbed
-    # decoder inputs of the strong (mixed) views; a normalizing flow (layers/flow.py) trained online on teacher features
-    cfg.SEMI.DDFP = CN()
-    declare(cfg, "SEMI.DDFP.WEIGHT", 0.5, NON_NEGATIVE)  # lambda_p of the perturbed-feature CE
-    declare(cfg, "SEMI.DDFP.THRESHOLD", 0.95, UNIT)  # teacher confidence to keep a pixel (loss and perturbation mask)
-    cfg.SEMI.DDFP.NORMALIZE = "kept"  # CE normalisation as SEMI.PSEUDO_LABEL.NORMALIZE (reference: "kept")
-    declare(cfg, "SEMI.DDFP.EPS", 4.0, POSITIVE)  # L2 norm of the perturbation of each pixel's decoder input
-    cfg.SEMI.DDFP.PERTURBED_BN = True  # separate BN set for the perturbed decoder pass (reference MixSyncBN)
-    # no perturbation loss before this iteration (reference: burn-in + 1 epoch)
-    declare(cfg, "SEMI.DDFP.START_ITER", 0, ITERATION)
-    # the flow trains from this iteration on (reference: end of burn-in)
-    declare(cfg, "SEMI.DDFP.FLOW_START_ITER", 0, ITERATION)
-    declare(cfg, "SEMI.DDFP.FLOW_BLOCKS", 2, AT_LEAST_1)  # GLOW coupling blocks
-    declare(cfg, "SEMI.DDFP.FLOW_HIDDEN", [256, 256], AT_LEAST_1)  # hidden widths of every coupling subnet
-    declare(cfg, "SEMI.DDFP.FLOW_CLAMP", 2.0, POSITIVE)  # soft clamp of the coupling log-scales
-    # seeds the flow's permutations and initialisation (identical on every rank)
-    declare(cfg, "SEMI.DDFP.FLOW_SEED", 0, NON_NEGATIVE)
-    declare(cfg, "SEMI.DDFP.FLOW_LR", 1e-3, POSITIVE)  # Adam learning rate of the flow (own optimizer, not SOLVER.*)
-    declare(cfg, "SEMI.DDFP.FLOW_BETAS", [0.5, 0.9], Range(0, 1, hi_open=True, length=2))  # Adam betas of the flow
-    # flow lr decays geometrically to FLOW_LR * this at MAX_ITER
-    declare(cfg, "SEMI.DDFP.FLOW_LR_END_FACTOR", 0.01, Range(0, 1, lo_open=True))
-    declare(cfg, "SEMI.DDFP.FLOW_GRAD_CLIP", 50.0, NON_NEGATIVE)  # max global grad norm of a flow step (0 = off)
-    declare(cfg, "SEMI.DDFP.FLOW_SAMPLES", 20480, AT_LEAST_1)  # teacher pixel features per flow step (per rank)
-    declare(cfg, "SEMI.DDFP.FLOW_NOISE", 0.05, NON_NEGATIVE)  # std of the Gaussian noise added to those features
-    # unlabeled pixels in the flow's NLL: "mixture" (every valid pixel, marginal density; reference code) or
-    # "pseudo_label" (confident pixels, class-conditional on the teacher's pseudo-label, THRESHOLD)
-    cfg.SEMI.DDFP.FLOW_UNLABELED_TARGET = "mixture"
-
-    # unimatch term (losses/unimatch.py, docs/methods/unimatch.md): Yang et al. CVPR 2023 (V1). The official total
-    # (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 = SEMI.SUPERVISED.WEIGHT 0.5 (the configs) + LOSS_SCALE * (...).
-    # Each part: CE summed over pixels with teacher confidence >= THRESHOLD / the stream's non-ignored pixels.
-    # Asks the engine for the second strong stream and (FP_DROPOUT > 0) the feature-perturbation stream.
-    cfg.SEMI.UNIMATCH = CN()
-    # conf_thresh (official: VOC 0.95; Cityscapes 0 in the current code)
-    declare(cfg, "SEMI.UNIMATCH.THRESHOLD", 0.95, UNIT)
-    declare(cfg, "SEMI.UNIMATCH.WEIGHT_S1", 0.25, NON_NEGATIVE)  # first strong stream (image_strong, boxes mix_mask)
-    declare(cfg, "SEMI.UNIMATCH.WEIGHT_S2", 0.25, NON_NEGATIVE)  # second strong stream (image_strong2, boxes mix_mask2)
-    # feature-perturbed weak view (must be 0 when FP_DROPOUT is 0)
-    declare(cfg, "SEMI.UNIMATCH.WEIGHT_FP", 0.5, NON_NEGATIVE)
-    declare(cfg, "SEMI.UNIMATCH.LOSS_SCALE", 0.5, NON_NEGATIVE)  # the official "/ 2", on the three parts above
-    # Dropout2d p on the weak view's backbone features (0 = no fp stream)
-    declare(cfg, "SEMI.UNIMATCH.FP_DROPOUT", 0.5, UNIT_OPEN)
-
-    # unimatch_v2 term (losses/unimatch_v2.py, docs/methods/unimatch_v2.md): UniMatch V2's two strong streams with
-    # complementary channel dropout on the student's encoder features; L = (L_x + (L_s1 + L_s2) / 2) / 2 with
-    # SEMI.SUPERVISED.WEIGHT 0.5 and an EMA teacher (SEMI.EMA: "warm_start", 0.996)
-    cfg.SEMI.UNIMATCH_V2 = CN()
-    declare(cfg, "SEMI.UNIMATCH_V2.THRESHOLD", 0.95, UNIT)  # conf_thresh (official: every dataset)
-    declare(cfg, "SEMI.UNIMATCH_V2.WEIGHT_S1", 0.5, NON_NEGATIVE)  # the "(L_s1 + L_s2) / 2" ...
-    declare(cfg, "SEMI.UNIMATCH_V2.WEIGHT_S2", 0.5, NON_NEGATIVE)
-    declare(cfg, "SEMI.UNIMATCH_V2.LOSS_SCALE", 0.5, NON_NEGATIVE)  # ... and the outer "/ 2" of the official loss
-    cfg.SEMI.UNIMATCH_V2.COMPLEMENTARY_DROPOUT = True  # masks m and 2 - m on the two streams' encoder channels
-    # share of image pairs left unperturbed (official 1 - 0.5)
-    declare(cfg, "SEMI.UNIMATCH_V2.UNPERTURBED_FRACTION", 0.5, UNIT)
-
-    # dgcl term (losses/dgcl.py, docs/methods/dgcl.md): density-guided contrastive loss + class-wise memory bank
-    cfg.SEMI.DGCL = CN()
-    # lambda_c of L = L_sup + lambda_u L_u + lambda_c L_dgcl (paper/reference: 0.5)
-    declare(cfg, "SEMI.DGCL.WEIGHT", 0.5, NON_NEGATIVE)
-    declare(cfg, "SEMI.DGCL.TEMPERATURE", 0.5, POSITIVE)  # InfoNCE temperature
-    # projection MLP width (Linear-BN-ReLU-Linear on the head's "features")
-    declare(cfg, "SEMI.DGCL.PROJ_DIM", 256, AT_LEAST_1)
-    declare(cfg, "SEMI.DGCL.NUM_ANCHORS", 200, AT_LEAST_1)  # lowest-density pixels per class used as anchors
-    # highest-density keys per class, taken from the batch AND from the bank
-    declare(cfg, "SEMI.DGCL.NUM_POSITIVES", 50, AT_LEAST_1)
-    declare(cfg, "SEMI.DGCL.NUM_NEGATIVES", 512, AT_LEAST_1)  # random pixels of other classes per class
-    # random subset of a class's batch pixels whose density is computed
-    declare(cfg, "SEMI.DGCL.MAX_PIXELS_PER_CLASS", 10000, AT_LEAST_1)
-    declare(cfg, "SEMI.DGCL.MEMORY_SIZE", 10000, AT_LEAST_1)  # bank entries per class (FIFO)
-    # at most this many new bank entries per class per step (all ranks together)
-    declare(cfg, "SEMI.DGCL.UPDATE_PER_CLASS", 1000, AT_LEAST_1)
-    # a class contributes once its bank holds this many entries (ref: all classes full)
-    declare(cfg, "SEMI.DGCL.MIN_FILL", 10000, Range(0, "SEMI.DGCL.MEMORY_SIZE"))
-    declare(cfg, "SEMI.DGCL.DENSITY_KS", [8, 16, 32], AT_LEAST_1)  # kNN sizes of the multi-scale density
-    # contrastive labels / bank entries drop the max(DROP_PERCENT * (1 - progress), MIN_DROP_PERCENT) % highest-
-    # entropy pseudo-labelled pixels; progress counts from the end of SEMI.BURN_IN_ITERS
-    declare(cfg, "SEMI.DGCL.DROP_PERCENT", 80.0, PERCENT)
-    declare(cfg, "SEMI.DGCL.MIN_DROP_PERCENT", 10.0, PERCENT)
-    # classes that never get anchors (ref: [0] on every dataset; VOC background)
-    declare(cfg, "SEMI.DGCL.SKIP_CLASSES", [], Range(0, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", hi_open=True))
-    # "per_class": a class contributes once its bank holds MIN_FILL (ours); "all_classes": the loss is off until every
-    # class's bank holds MIN_FILL (official check_if_full, which with SKIP_CLASSES [0] is the official start)
-    declare(cfg, "SEMI.DGCL.START", "per_class", OneOf("per_class", "all_classes"))
-    # 0: loss weight WEIGHT (ours, paper). W > 0: WEIGHT / W, the official effective weight of its non-autograd
-    # all_reduce + / world_size on W GPUs (Cityscapes W = 8: 0.0625, VOC W = 4: 0.125), whatever world size we run on
-    declare(cfg, "SEMI.DGCL.OFFICIAL_WORLD_SIZE", 0, NON_NEGATIVE)
-    cfg.SEMI.DGCL.BANK_SOURCE = "student"  # bank features from the "student" (ref) or the "teacher" (weak views)
-    # similarities materialised at once in the kNN density (memory)
-    declare(cfg, "SEMI.DGCL.DENSITY_MAX_ELEMENTS", 134217728, AT_LEAST_1)
-
-    # memory_contrast term (losses/memory_contrast.py, docs/methods/memory_contrast.md): Alonso et al. ICCV 2021
-    cfg.SEMI.MEMORY_CONTRAST = CN()
-    # lambda_contr, applied to the labeled and to the unlabeled part each
-    declare(cfg, "SEMI.MEMORY_CONTRAST.WEIGHT", 0.1, NON_NEGATIVE)
-    declare(cfg, "SEMI.MEMORY_CONTRAST.START_ITER", 2000, ITERATION)  # loss is zero before this iteration (paper: 2K)
-    # bank filled from this iteration on (paper: every iteration; code: 1000)
-    declare(cfg, "SEMI.MEMORY_CONTRAST.BANK_START_ITER", 0, ITERATION)
-    # D of the head's "features" (v2: 2048, v3+: 256); 0 = implied by the head
-    declare(cfg, "SEMI.MEMORY_CONTRAST.FEATURE_DIM", 0, NON_NEGATIVE)
-    # output of the projection g and prediction q heads (= bank width)
-    declare(cfg, "SEMI.MEMORY_CONTRAST.PROJECTION_DIM", 256, AT_LEAST_1)
-    declare(cfg, "SEMI.MEMORY_CONTRAST.HIDDEN_DIM", 256, AT_LEAST_1)  # hidden width of g and q (Linear-BN-ReLU-Linear)
-    # hidden width of the class attention selectors S_c
-    declare(cfg, "SEMI.MEMORY_CONTRAST.SELECTOR_HIDDEN_DIM", 256, AT_LEAST_1)
-    declare(cfg, "SEMI.MEMORY_CONTRAST.BANK_SIZE", 256, AT_LEAST_1)  # psi: entries per class (FIFO)
-    # phi of the feature quality filter (teacher right and > phi)
-    declare(cfg, "SEMI.MEMORY_CONTRAST.CONFIDENCE_THRESHOLD", 0.95, UNIT)
-    # K entries per image and class; 0 = max(1, round(BANK_SIZE / |X_l|))
-    declare(cfg, "SEMI.MEMORY_CONTRAST.PER_CLASS_PER_IMAGE", 0, NON_NEGATIVE)
-    # |X_l| for K; 0 = count the images of BANK_DATASETS (or TRAIN_LABELED)
-    declare(cfg, "SEMI.MEMORY_CONTRAST.NUM_LABELED", 0, NON_NEGATIVE)
-    # DATASETS.TRAIN_LABELED entries whose images fill the bank (SSDA: the Cityscapes subset, not GTA5); empty = all
-    cfg.SEMI.MEMORY_CONTRAST.BANK_DATASETS = []
-
-    # entropy term (losses/memory_contrast.py): direct entropy minimisation on the strong unlabeled views (Alonso Eq. 7)
-    cfg.SEMI.ENTROPY = CN()
-    declare(cfg, "SEMI.ENTROPY.WEIGHT", 0.01, NON_NEGATIVE)  # lambda_ent
-    declare(cfg, "SEMI.ENTROPY.START_ITER", 0, ITERATION)  # zero before this iteration (paper: from the start)
-    cfg.SEMI.ENTROPY.NORMALIZE = False  # divide by log(C) (the reference code divides by log2(C)); paper: no
-
-    # class_balance term (losses/class_balance.py): CE class weights alpha_c = sqrt(f_median / f_c) for the terms
-    # listed after it (supervised, pseudo_label) from labels + pseudo-labels (Alonso: Cityscapes/GTA5 on, VOC off)
-    cfg.SEMI.CLASS_BALANCE = CN()
-    declare(cfg, "SEMI.CLASS_BALANCE.MOMENTUM", 0.999, UNIT_OPEN)  # EMA of the per-step class pixel counts
-    cfg.SEMI.CLASS_BALANCE.FROM_PSEUDO_LABELS = True  # also count the teacher's pseudo-labels (paper: yes)
-    # weights are 1 before this iteration (counting starts at once)
-    declare(cfg, "SEMI.CLASS_BALANCE.START_ITER", 0, ITERATION)
     global _DECLARED_HERE
     _DECLARED_HERE = True
     return cfg

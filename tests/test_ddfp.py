@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 from semiseg_d2.engine.checkpoint import SemiSegCheckpointer
 from semiseg_d2.engine.optimizer import build_optimizer
@@ -225,8 +226,8 @@ def _ddfp_cfg():
 def _train(model, optimizer, steps, seed0=0):
     losses = None
     for i in range(steps):
-        model.iteration = i
-        losses = model(fake_batch(seed=seed0 + i))
+        with EventStorage(i):  # the step's iteration (the trainer's storage)
+            losses = model(fake_batch(seed=seed0 + i))
         assert set(losses) == {"loss_sem_seg", "loss_pseudo_label", "loss_ddfp"}
         assert all(torch.isfinite(v) for v in losses.values()), losses
         metrics = model.pop_metrics()  # the trainer reads them right after the forward

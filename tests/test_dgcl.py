@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 from semiseg_d2.layers.density import knn_density, knn_density_grouped
 from semiseg_d2.losses.contrastive import (
@@ -319,8 +320,8 @@ def test_tiny_semi_segmentor_trains_with_dgcl():
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     seen = []
     for it in range(4):
-        model.iteration = it
-        losses = model(fake_batch(seed=it))
+        with EventStorage(it):  # the step's iteration (the trainer's storage)
+            losses = model(fake_batch(seed=it))
         assert set(losses) == {"loss_sem_seg", "loss_pseudo_label", "loss_dgcl"}
         assert all(torch.isfinite(v) for v in losses.values())
         seen.append(losses["loss_dgcl"].item())

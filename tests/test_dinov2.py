@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 from semiseg_d2.engine.checkpoint import SemiSegCheckpointer
 from semiseg_d2.engine.optimizer import build_optimizer
@@ -164,7 +165,7 @@ def test_dpt_outputs_logits_features_and_decoder_input_at_8x_the_token_grid():
     x = torch.randn(2, 3, 42, 70)  # token grid 3 x 5 (odd sides: the stride-2 conv rounds up)
     out = model.extract(x)
     head = model.sem_seg_head
-    assert head.feature_dim == model.feature_dim == 16 and head.num_decoder_norms == len(head.decoder_norms) == 1
+    assert head.feature_dim == model.feature_dim == 16 and head.spec().num_decoder_norms == len(head.decoder_norms) == 1
     assert out["logits"].shape == (2, 11, 24, 40)
     assert out["features"].shape == out["decoder_input"].shape == (2, 16, 24, 40)
     feats, logits = head.decode(out["decoder_input"])
@@ -258,8 +259,8 @@ def _backbone_grad(model):
 def _steps(model, term_loss, steps):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     for it in range(steps):
-        model.iteration = it
-        losses = model(fake_batch(h=56, w=70, seed=it))
+        with EventStorage(it):  # the step's iteration (the trainer's storage)
+            losses = model(fake_batch(h=56, w=70, seed=it))
         model.pop_metrics()
         assert all(torch.isfinite(v) for v in losses.values()), losses
         opt.zero_grad()

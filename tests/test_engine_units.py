@@ -9,13 +9,18 @@ from semiseg_d2.config import get_semiseg_cfg
 from semiseg_d2.engine.checkpoint import atomic_torch_save, config_differences
 from semiseg_d2.engine.hooks import EMAHook
 from semiseg_d2.losses.registry import build_loss_terms
+from semiseg_d2.modeling.heads.spec import HeadSpec
+from tests.tiny import apply_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = HeadSpec("TestHead", num_classes=19, feature_dim=8)
 
 
 def test_registry_error_names_unknown_term_and_lists_known():
     cfg = get_semiseg_cfg()
     cfg.SEMI.LOSSES = ["supervised", "dgc"]
     with pytest.raises(KeyError) as e:
-        build_loss_terms(cfg)
+        build_loss_terms(cfg, SPEC)
     msg = str(e.value)
     assert "'dgc'" in msg and "pseudo_label" in msg and "supervised" in msg
 
@@ -24,10 +29,10 @@ def test_registry_rejects_duplicates_and_empty():
     cfg = get_semiseg_cfg()
     cfg.SEMI.LOSSES = ["supervised", "supervised"]
     with pytest.raises(ValueError, match="twice"):
-        build_loss_terms(cfg)
+        build_loss_terms(cfg, SPEC)
     cfg.SEMI.LOSSES = []
     with pytest.raises(ValueError, match="empty"):
-        build_loss_terms(cfg)
+        build_loss_terms(cfg, SPEC)
 
 
 def test_ema_hook_schedule_counts_from_end_of_burn_in():
@@ -63,9 +68,11 @@ def _run_ema_hook(hook, teacher, student, iteration):
 
     from detectron2.utils.events import EventStorage
 
+    from semiseg_d2.layers.ema import EMAPair
+
+    model = SimpleNamespace(ema_pairs=lambda: [EMAPair(teacher, student)])
     with EventStorage(iteration) as storage:
-        hook.trainer = SimpleNamespace(iter=iteration, model=SimpleNamespace(teacher=teacher, student=student),
-                                       storage=storage)
+        hook.trainer = SimpleNamespace(iter=iteration, model=model, storage=storage)
         hook.after_step()
 
 
@@ -138,6 +145,47 @@ def test_reference_world_size_scales_both_batches_lr_and_semi_iterations():
     assert one.is_frozen()
     same = SegTrainer.auto_scale_workers(cfg, 4)
     assert same.SOLVER.BASE_LR == 0.01 and same.SEMI.BURN_IN_ITERS == 100
+
+
+def test_schedule_keys_are_the_declared_iteration_counts_and_both_scalings_use_them(monkeypatch):
+    """A term declares its iteration counts with ITERATION (whatever their names); SOLVER.REFERENCE_WORLD_SIZE and
+    tools/run_study.py --schedule-scale rescale exactly those (and keys of terms that do not run are left alone)."""
+    import importlib.util
+
+    from detectron2.config import CfgNode as CN
+
+    from semiseg_d2 import config
+    from semiseg_d2.engine.trainer import SegTrainer
+
+    monkeypatch.setattr(config, "SCHEMA", dict(config.SCHEMA))  # the toy term's keys stay in this test
+    cfg = get_semiseg_cfg()
+    cfg.SEMI.TOY_SCHEDULE = CN()  # a term from outside the package: its config function
+    config.declare(cfg, "SEMI.TOY_SCHEDULE.RAMP_LENGTH", 40, config.ITERATION)  # no *_ITER suffix
+    config.declare(cfg, "SEMI.TOY_SCHEDULE.QUEUE_ITER", 7, config.AT_LEAST_1)  # *_ITER, but not an iteration count
+    cfg.SOLVER.MAX_ITER = 1000
+    cfg.SEMI.BURN_IN_ITERS = 100
+    cfg.SEMI.PSEUDO_LABEL.START_ITER = 40
+    cfg.SEMI.DDFP.START_ITER = 30  # ddfp is not in SEMI.LOSSES
+    keys = config.schedule_keys(cfg)
+    assert {"SEMI.BURN_IN_ITERS", "SEMI.PSEUDO_LABEL.START_ITER", "SEMI.PSEUDO_LABEL.RAMPUP_ITERS",
+            "SEMI.TOY_SCHEDULE.RAMP_LENGTH"} <= set(keys)
+    assert not [k for k in keys if k.startswith(("SEMI.DDFP.", "SEMI.DGCL.")) or k == "SEMI.TOY_SCHEDULE.QUEUE_ITER"]
+    assert "SEMI.DDFP.START_ITER" in config.schedule_keys(apply_overrides(cfg.clone(), {"SEMI.LOSSES": ["ddfp"]}))
+
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 4
+    cfg.SOLVER.IMS_PER_BATCH = cfg.SOLVER.IMS_PER_BATCH_UNLABELED = 16
+    one = SegTrainer.auto_scale_workers(cfg, 1)
+    assert (one.SEMI.TOY_SCHEDULE.RAMP_LENGTH, one.SEMI.BURN_IN_ITERS, one.SEMI.PSEUDO_LABEL.START_ITER) == (160, 400, 160)
+    assert one.SEMI.TOY_SCHEDULE.QUEUE_ITER == 7 and one.SEMI.DDFP.START_ITER == 30
+
+    cfg.MODEL.META_ARCHITECTURE = "SemiSegmentor"
+    spec = importlib.util.spec_from_file_location("run_study", os.path.join(ROOT, "tools", "run_study.py"))
+    run_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_study)
+    pairs = run_study.schedule_overrides(cfg, 0.5)
+    scaled = dict(zip(pairs[::2], pairs[1::2]))
+    assert scaled["SEMI.TOY_SCHEDULE.RAMP_LENGTH"] == "20" and scaled["SEMI.BURN_IN_ITERS"] == "50"
+    assert "SEMI.TOY_SCHEDULE.QUEUE_ITER" not in scaled and "SEMI.DDFP.START_ITER" not in scaled
 
 
 def test_evaluation_leaves_the_random_generators_untouched():

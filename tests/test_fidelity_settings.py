@@ -132,12 +132,14 @@ def test_ddfp_cityscapes_sliding_window_is_its_validate_801_534(path):
 def test_projection_and_selector_norms_follow_the_head_norm(norm, cls):
     from semiseg_d2.losses.dgcl import DGCLTerm
     from semiseg_d2.losses.memory_contrast import MemoryContrastTerm
+    from semiseg_d2.modeling.heads.spec import HeadSpec
 
     cfg = apply_overrides(semi_cfg(), TINY_DGCL)
     cfg.MODEL.SEM_SEG_HEAD.NORM = norm
-    dgcl = DGCLTerm(cfg)
+    spec = HeadSpec("TestHead", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM)
+    dgcl = DGCLTerm(cfg, spec)
     cfg.SEMI.MEMORY_CONTRAST.NUM_LABELED = 4
-    memory = MemoryContrastTerm(cfg)
+    memory = MemoryContrastTerm(cfg, spec)
     row_norms = [m for t in (dgcl, memory) for m in t.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     # DGCL projection; memory contrast g, q and the teacher's copy of g
     assert len(row_norms) == 4 and all(type(m) is cls for m in row_norms)

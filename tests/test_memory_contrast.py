@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+from detectron2.layers import ShapeSpec
+from detectron2.utils.events import EventStorage
 from torch import nn
 
 from semiseg_d2.config import get_semiseg_cfg
@@ -15,6 +17,8 @@ from semiseg_d2.losses.class_balance import ClassBalanceTerm, median_frequency_w
 from semiseg_d2.losses.entropy import EntropyTerm
 from semiseg_d2.losses.memory_contrast import MemoryContrastTerm, memory_contrast_loss
 from semiseg_d2.losses.step import SemiStep
+from semiseg_d2.modeling.heads import build_sem_seg_head_checked
+from semiseg_d2.modeling.heads.spec import HeadSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,7 +102,7 @@ def test_selectors_are_per_class_modules():
 
 def make_term(**kw):
     args = dict(num_classes=3, feature_dim=8, projection_dim=4, hidden_dim=6, selector_hidden_dim=5, bank_size=4,
-                per_class_per_image=2, weight=0.1, start_iter=0, ema_schedule="constant", ema_base=0.5)
+                per_class_per_image=2, weight=0.1, start_iter=0)
     args.update(kw)
     return MemoryContrastTerm(**args)
 
@@ -147,24 +151,35 @@ def test_empty_bank_gives_zero_loss_and_start_iter():
     assert all(v == 0 for v in term(hand_step()[0]).values())
 
 
+RESNET_SHAPES = {"res2": ShapeSpec(channels=256, stride=4), "res4": ShapeSpec(channels=1024, stride=16),
+                 "res5": ShapeSpec(channels=2048, stride=16)}
+
+
+def head_spec(cfg, input_shape=RESNET_SHAPES) -> HeadSpec:
+    """The spec of the head ``cfg`` builds on ``input_shape`` (what SemiSegmentor hands the terms)."""
+    return build_sem_seg_head_checked(cfg, input_shape).spec()
+
+
 def test_config_errors_name_the_keys():
     cfg = get_semiseg_cfg()
     cfg.SEMI.LOSSES = ["supervised", "memory_contrast"]
     cfg.SEMI.MEMORY_CONTRAST.NUM_LABELED = 100
     cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV2Head"
     cfg.SEMI.MEMORY_CONTRAST.FEATURE_DIM = 256
+    spec = head_spec(cfg)
+    assert (spec.name, spec.feature_dim, spec.decode) == ("DeepLabV2Head", 2048, None)
     with pytest.raises(ValueError, match=r"FEATURE_DIM = 256.*DeepLabV2Head.*2048"):
-        MemoryContrastTerm(cfg)
+        MemoryContrastTerm(cfg, spec)
     cfg.SEMI.MEMORY_CONTRAST.FEATURE_DIM = 2048
-    assert MemoryContrastTerm(cfg).per_class_per_image == 3  # max(1, round(256 / 100))
+    assert MemoryContrastTerm(cfg, spec).per_class_per_image == 3  # max(1, round(256 / 100))
     for size in (0, -4):
         cfg.SEMI.MEMORY_CONTRAST.BANK_SIZE = size
         with pytest.raises(ValueError, match="SEMI.MEMORY_CONTRAST.BANK_SIZE"):
-            MemoryContrastTerm(cfg)
+            MemoryContrastTerm(cfg, spec)
     cfg.SEMI.MEMORY_CONTRAST.BANK_SIZE = 256
     cfg.SEMI.MEMORY_CONTRAST.BANK_DATASETS = ["nope"]
     with pytest.raises(ValueError, match="BANK_DATASETS"):
-        MemoryContrastTerm(cfg)
+        MemoryContrastTerm(cfg, spec)
     # The head's actual features disagree with the term (e.g. a custom head): error names both.
     term = make_term(feature_dim=16)
     with pytest.raises(ValueError, match=r"= 16 but the head's 'features' \(student, labeled\) have 8 channels"):
@@ -172,7 +187,52 @@ def test_config_errors_name_the_keys():
     cfg = get_semiseg_cfg()
     cfg.SEMI.LOSSES = ["supervised", "class_balance"]
     with pytest.raises(ValueError, match="'class_balance' must come before"):
-        ClassBalanceTerm(cfg)
+        ClassBalanceTerm(cfg, spec)
+
+
+def test_feature_dim_comes_from_the_built_head_not_from_config_arithmetic():
+    """FEATURE_DIM 0: the width of the head's 'features' as the built head reports it (a DPT head on a ViT: its own
+    width, whatever RESNETS.* says)."""
+    cfg = get_semiseg_cfg()
+    cfg.SEMI.LOSSES = ["supervised", "memory_contrast"]
+    cfg.SEMI.MEMORY_CONTRAST.PER_CLASS_PER_IMAGE = 1
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "DPTHead"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["layer1", "layer2", "layer3", "layer4"]
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 24
+    cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS = [8, 8, 8, 8]
+    vit = {f"layer{i}": ShapeSpec(channels=40, stride=14) for i in range(1, 5)}
+    term = MemoryContrastTerm(cfg, head_spec(cfg, vit))
+    assert term.feature_dim == 24 and term.projection.in_dim == 24
+    # a head whose width no config key states: the spec is all the term reads
+    term = MemoryContrastTerm(cfg, HeadSpec("MyHead", num_classes=5, feature_dim=37))
+    assert (term.feature_dim, term.num_classes) == (37, 5)
+
+
+def test_labeled_image_count_is_derived_outside_the_term():
+    """NUM_LABELED and PER_CLASS_PER_IMAGE 0: the term is built without K (no dataset read), filling the bank says
+    which keys to set, and the trainer's config_with_dataset_values counts BANK_DATASETS' images."""
+    from detectron2.data import DatasetCatalog
+
+    from semiseg_d2.losses.registry import config_with_dataset_values
+
+    cfg = get_semiseg_cfg()
+    cfg.SEMI.LOSSES = ["supervised", "memory_contrast"]
+    cfg.DATASETS.TRAIN_LABELED = ("mc_count_a", "mc_count_b")
+    cfg.SEMI.MEMORY_CONTRAST.BANK_DATASETS = ["mc_count_b"]
+    spec = HeadSpec("MyHead", num_classes=3, feature_dim=8)
+    read = []
+    for name, n in (("mc_count_a", 3), ("mc_count_b", 64)):
+        if name not in DatasetCatalog.list():
+            DatasetCatalog.register(name, lambda name=name, n=n: read.append(name) or [{}] * n)
+    term = MemoryContrastTerm(cfg, spec)
+    assert term.per_class_per_image is None and not read
+    step, _, _, _ = _filtered_step(C=3, D=8)
+    with pytest.raises(ValueError, match="NUM_LABELED or PER_CLASS_PER_IMAGE"):
+        term.candidates(step)
+    resolved = config_with_dataset_values(cfg)
+    assert read == ["mc_count_b"] and resolved.SEMI.MEMORY_CONTRAST.NUM_LABELED == 64
+    assert cfg.SEMI.MEMORY_CONTRAST.NUM_LABELED == 0  # the caller's config is left as it was
+    assert MemoryContrastTerm(resolved, spec).per_class_per_image == 4  # max(1, round(256 / 64))
 
 
 def _filtered_step(C=3, B=2, h=4, w=4, D=8, seed=1):
@@ -218,18 +278,34 @@ def test_bank_gets_only_filtered_pixels_topk_highest_by_selector():
         term.candidates(step)
 
 
-def test_update_enqueues_and_ema_updates_teacher_heads():
+def test_update_enqueues_and_the_ema_hook_updates_teacher_heads():
+    from types import SimpleNamespace
+
+    from semiseg_d2.engine.hooks import EMAHook
+
     torch.manual_seed(0)
     term = make_term(per_class_per_image=1)
     step, _, _, ok = _filtered_step(D=8)
     with torch.no_grad():
         for p in term.projection.parameters():
             p.add_(1.0)
+        for b in term.memory_selector.buffers():
+            b.add_(2.0)
     before = [p.clone() for p in term.teacher_projection.parameters()]
     term.update(step)
     assert 0 < int(term.bank.counts.sum()) <= 2 * 3
+    assert all(torch.equal(t, b) for t, b in zip(term.teacher_projection.parameters(), before))  # the hook's job
+    pairs = term.ema_pairs()
+    assert [(p.teacher, p.student) for p in pairs] == [(term.teacher_projection, term.projection),
+                                                        (term.teacher_memory_selector, term.memory_selector)]
+    hook = EMAHook(0.5, "constant", burn_in_iters=0, max_iter=10, average_buffers=True)
+    with EventStorage(3) as storage:
+        hook.trainer = SimpleNamespace(iter=3, model=SimpleNamespace(ema_pairs=lambda: pairs), storage=storage)
+        hook.after_step()
     for t, b, s in zip(term.teacher_projection.parameters(), before, term.projection.parameters()):
-        assert torch.allclose(t, 0.5 * b + 0.5 * s)  # constant schedule, momentum 0.5
+        assert torch.allclose(t, 0.5 * b + 0.5 * s)  # the hook's momentum 0.5
+    for (name, t), s in zip(term.teacher_memory_selector.named_buffers(), term.memory_selector.buffers()):
+        assert torch.equal(t, s), name  # this pair copies its statistics whatever AVERAGE_BUFFERS says
     del step.teacher_labeled
     with pytest.raises(RuntimeError, match="teacher_labeled"):
         term.update(step)
@@ -280,7 +356,7 @@ def test_configs_load_and_name_registered_splits(path):
              .replace("_labeled", "") for s in bank_sets]
     assert n == sum(len(read_list(os.path.join(SHIPPED_SPLITS_DIR, l, "labeled.txt"))) for l in lists)
     assert ("class_balance" in cfg.SEMI.LOSSES) == ("voc" not in path)
-    term = MemoryContrastTerm(cfg)  # feature dim agrees with the head, K from NUM_LABELED
+    term = MemoryContrastTerm(cfg, head_spec(cfg))  # feature dim agrees with the head, K from NUM_LABELED
     assert term.per_class_per_image == max(1, round(256 / n))
 
 

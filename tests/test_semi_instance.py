@@ -28,6 +28,7 @@ from semi_instance.synthetic import CATEGORIES, write_synthetic_coco  # noqa: E4
 from semiseg_d2.data.splits.coco_splits import coco_labeled_positions, coco_semi_split  # noqa: E402
 from semiseg_d2.engine.hooks import EMAHook  # noqa: E402
 from semiseg_d2.losses.registry import build_loss_terms  # noqa: E402
+from semiseg_d2.modeling.heads.spec import HeadSpec  # noqa: E402
 from tests.tiny import apply_overrides  # noqa: E402
 
 LOSSES_ALL = ["rcnn_supervised", "rcnn_pseudo_label", "roi_memory_contrast"]
@@ -240,8 +241,7 @@ def test_semi_step_trains_the_student_on_the_filtered_teacher_outputs(shapes, tm
         return real_train_pass(net, inputs, targets)
 
     model._train_pass = train_pass
-    model.iteration = cfg.SEMI.BURN_IN_ITERS
-    with EventStorage(0):
+    with EventStorage(cfg.SEMI.BURN_IN_ITERS):
         step = model.compute_step(labeled, unlabeled)
         losses = model.run_terms(step)
     assert [len(p) for p in step.pseudo_instances] == [1, 0]
@@ -258,14 +258,17 @@ def test_semi_step_trains_the_student_on_the_filtered_teacher_outputs(shapes, tm
     assert float(step.metrics["pseudo/instances_per_image"]) == 0.5
 
 
+SPEC = HeadSpec("TestHead", num_classes=3, feature_dim=8)
+
+
 def test_instance_terms_and_segmentation_terms_do_not_mix(tmp_path):
     cfg = tiny_cfg(tmp_path, **{"SEMI.LOSSES": ["rcnn_supervised", "pseudo_label"]})
     with pytest.raises(ValueError) as e:
-        build_loss_terms(cfg, task="instance")
+        build_loss_terms(cfg, SPEC, task="instance")
     assert "'pseudo_label'" in str(e.value) and "sem_seg" in str(e.value) and "rcnn_pseudo_label" in str(e.value)
     cfg.SEMI.LOSSES = ["supervised", "rcnn_pseudo_label"]
     with pytest.raises(ValueError, match="'rcnn_pseudo_label' is a 'instance' term"):
-        build_loss_terms(cfg)
+        build_loss_terms(cfg, SPEC)
 
 
 # ---------------------------------------------------------------------------------------------- engine

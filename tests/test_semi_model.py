@@ -2,6 +2,7 @@
 import pytest
 import torch
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 from semiseg_d2.losses.registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 from tests.tiny import fake_batch, semi_cfg, tiny_cfg  # noqa: F401  (re-exported for other tests)
@@ -68,8 +69,8 @@ def test_burn_in_runs_supervised_only_without_teacher():
     model = build_model(semi_cfg(**{"SEMI.BURN_IN_ITERS": 5}))
     model.train()
     model.teacher.extract = lambda x: pytest.fail("teacher must not run during burn-in")
-    model.iteration = 4
-    losses = model(fake_batch())
+    with EventStorage(4):
+        losses = model(fake_batch())
     assert set(losses) == {"loss_sem_seg"}
 
 
@@ -84,7 +85,7 @@ def _register_once(cls):
 class _ExplodingTerm(SemiLossTerm):
     name = "test_exploding"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, spec):
         super().__init__()
 
     def forward(self, step):
@@ -111,7 +112,7 @@ class _NeedsTeacherLabeled(SemiLossTerm):
     name = "test_teacher_labeled"
     needs_teacher_labeled = True
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, spec):
         super().__init__()
 
     def forward(self, step):
@@ -240,3 +241,102 @@ def test_student_teacher_in_train_mode_is_the_official_ddfp_teacher():
         ref = before.train().extract(torch.cat([_normalized(model, unlabeled), _normalized(model, labeled)]))["logits"]
     torch.testing.assert_close(step.teacher_weak["logits"], ref[:3], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(step.teacher_labeled["logits"], ref[3:], atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- #18: spec, EMA, clock
+def test_terms_are_built_from_the_built_students_head_spec():
+    """DGCL reads the width of the head's 'features' from the built head (DeepLabV2: its res5 input, which no
+    CONVS_DIM states), DDFP the head's decode and its norm count."""
+    from tests.tiny import TINY_DGCL
+
+    cfg = semi_cfg(**dict(TINY_DGCL, **{"MODEL.SEM_SEG_HEAD.NAME": "DeepLabV2Head"}))
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res5"]
+    model = build_model(cfg)
+    d = model.student.sem_seg_head.feature_dim
+    assert d != cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
+    assert model.terms["dgcl"].feature_dim == d and model.terms["dgcl"].proj.in_dim == d
+
+    cfg = semi_cfg(**{"SEMI.LOSSES": ["supervised", "pseudo_label", "ddfp"], "SEMI.DDFP.FLOW_HIDDEN": [8],
+                      "MODEL.SEM_SEG_HEAD.NAME": "U2PLDeepLabV3PlusHead"})
+    model = build_model(cfg)
+    head, term = model.student.sem_seg_head, model.terms["ddfp"]
+    spec = head.spec()
+    assert (spec.name, spec.feature_dim, spec.decoder_input_dim, spec.num_decoder_norms) == (
+        "U2PLDeepLabV3PlusHead", head.feature_dim, head.decoder_input_dim, 2)
+    assert term.decode.__self__ is head  # the student's head, not the teacher's copy
+    assert term.flow.dim == head.feature_dim and len(term.perturbed_norms) == len(head.decoder_norms)
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV2Head"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res5"]
+    with pytest.raises(ValueError, match="'ddfp' perturbs the decoder input.*the head 'DeepLabV2Head' has none"):
+        build_model(cfg)
+
+
+def test_is_semi_supervised_names_teacher_student_architectures():
+    from semiseg_d2.modeling import is_semi_supervised
+
+    assert is_semi_supervised(semi_cfg()) and not is_semi_supervised(tiny_cfg())
+    cfg = tiny_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "SemiSegmentr"
+    with pytest.raises(KeyError, match="MODEL.META_ARCHITECTURE: unknown name 'SemiSegmentr'.*SemiSegmentor"):
+        is_semi_supervised(cfg)
+
+
+_MC = {"SEMI.LOSSES": ["supervised", "pseudo_label", "memory_contrast"],
+       "SEMI.MEMORY_CONTRAST.START_ITER": 0, "SEMI.MEMORY_CONTRAST.PER_CLASS_PER_IMAGE": 1, "SEMI.MEMORY_CONTRAST.PROJECTION_DIM": 8,
+       "SEMI.MEMORY_CONTRAST.HIDDEN_DIM": 8, "SEMI.MEMORY_CONTRAST.SELECTOR_HIDDEN_DIM": 4,
+       "SEMI.MEMORY_CONTRAST.BANK_SIZE": 4, "SEMI.EMA.SCHEDULE": "constant", "SEMI.EMA.MOMENTUM": 0.75}
+
+
+def _after_step(hook, model, iteration):
+    from types import SimpleNamespace
+
+    with EventStorage(iteration) as storage:
+        hook.trainer = SimpleNamespace(iter=iteration, model=model, storage=storage)
+        hook.after_step()
+        return storage.latest()
+
+
+@pytest.mark.parametrize("teacher_mode", ["ema", "student"])
+def test_one_ema_hook_updates_the_teacher_and_every_terms_pairs(teacher_mode):
+    from semiseg_d2.engine.hooks import build_ema_hook
+
+    extra = {"SEMI.TEACHER_MODE": teacher_mode}
+    if teacher_mode == "student":
+        extra.update({"TEST.EVAL_TEACHER": False, "SEMI.WEIGHTS_FOR_EXPORT": "student"})
+    cfg = semi_cfg(**_MC, **extra)
+    model = build_model(cfg)
+    term = model.terms["memory_contrast"]
+    expected = [(term.teacher_projection, term.projection), (term.teacher_memory_selector, term.memory_selector)]
+    if teacher_mode == "ema":
+        expected.insert(0, (model.teacher, model.student))
+    assert [(p.teacher, p.student) for p in model.ema_pairs()] == expected
+    with torch.no_grad():
+        for _, student in expected:
+            for p in student.parameters():
+                p.add_(1.0)
+    before = [[p.clone() for p in t.parameters()] for t, _ in expected]
+    latest = _after_step(build_ema_hook(cfg), model, iteration=3)
+    assert latest["ema_momentum"][0] == 0.75  # SEMI.EMA.MOMENTUM, constant schedule
+    for (teacher, student), old in zip(expected, before):
+        for t, b, s in zip(teacher.parameters(), old, student.parameters()):
+            assert torch.allclose(t, 0.75 * b + 0.25 * s)
+
+
+def test_student_mode_without_averaging_terms_leaves_the_hook_nothing_to_do():
+    from semiseg_d2.engine.hooks import build_ema_hook
+
+    cfg = semi_cfg(**{"SEMI.TEACHER_MODE": "student", "TEST.EVAL_TEACHER": False, "SEMI.WEIGHTS_FOR_EXPORT": "student"})
+    model = build_model(cfg)
+    assert model.ema_pairs() == []
+    assert "ema_momentum" not in _after_step(build_ema_hook(cfg), model, iteration=3)
+
+
+def test_the_step_clock_is_the_event_storage():
+    """The model reads the step's iteration from detectron2's event storage (the trainer sets storage.iter)."""
+    model = build_model(semi_cfg(**{"SEMI.BURN_IN_ITERS": 5}))
+    model.train()
+    for it, burn_in in ((4, True), (5, False)):
+        with EventStorage(it):
+            assert model.iteration == it and model.in_burn_in() == burn_in
+            model(fake_batch())
+            assert model._last_step.iteration == it and model._last_step.burn_in == burn_in

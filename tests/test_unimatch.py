@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 from semiseg_d2.data.mapper import UnlabeledDatasetMapper
 from semiseg_d2.losses.registry import SEMI_LOSS_REGISTRY
+from semiseg_d2.modeling.heads.spec import HeadSpec
 from semiseg_d2.losses.step import SemiStep
 from tests.tiny import BUNDLED_CAMVID, fake_batch, semi_cfg
 
@@ -182,7 +184,8 @@ def test_loss_equals_the_official_formula_on_fixed_tensors():
 
     cfg = semi_cfg(**{"SEMI.LOSSES": ["supervised", "unimatch"], "SEMI.SUPERVISED.WEIGHT": 0.5,
                       "SEMI.UNIMATCH.THRESHOLD": thresh, "MODEL.SEM_SEG_HEAD.NUM_CLASSES": c})
-    sup, term = SEMI_LOSS_REGISTRY.get("supervised")(cfg), SEMI_LOSS_REGISTRY.get("unimatch")(cfg)
+    spec = HeadSpec("TestHead", num_classes=c, feature_dim=32)  # neither term reads the head's widths
+    sup, term = SEMI_LOSS_REGISTRY.get("supervised")(cfg, spec), SEMI_LOSS_REGISTRY.get("unimatch")(cfg, spec)
     valid = ignore != 255
     pl = torch.where(valid, mask_w, torch.full_like(mask_w, 255))
     weak = {"confidence": conf_w, "pseudo_label": pl, "valid": valid}
@@ -313,8 +316,8 @@ def test_unimatch_combines_with_dgcl_in_one_run():
     model = build_model(cfg)
     model.train()
     for it in range(2):  # the bank fills after the first step, DGCL's loss runs on the second
-        model.iteration = it
-        losses = model(unimatch_batch(seed=it))
+        with EventStorage(it):
+            losses = model(unimatch_batch(seed=it))
         total = sum(losses.values())
         total.backward()
         model.after_optimizer_step()

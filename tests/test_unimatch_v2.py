@@ -2,9 +2,11 @@
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 from semiseg_d2.layers.ema import ema_momentum
 from semiseg_d2.losses.registry import SEMI_LOSS_REGISTRY
+from semiseg_d2.modeling.heads.spec import HeadSpec
 from semiseg_d2.losses.step import SemiStep
 from semiseg_d2.layers.perturbation import complementary_channel_masks
 from tests.tiny import apply_overrides, fake_batch, tiny_vit_cfg
@@ -99,7 +101,8 @@ def test_loss_equals_the_official_formula():
     expected = _official_unimatch_v2_loss(pred_x, mask_x, pred_s1, pred_s2, mask_w, conf_w, ignore, box1, box2,
                                           partner, thr)
     cfg = _cfg(**{"SEMI.UNIMATCH_V2.THRESHOLD": thr, "MODEL.SEM_SEG_HEAD.NUM_CLASSES": c})
-    sup, term = SEMI_LOSS_REGISTRY.get("supervised")(cfg), SEMI_LOSS_REGISTRY.get("unimatch_v2")(cfg)
+    spec = HeadSpec("TestHead", num_classes=c, feature_dim=32)  # neither term reads the head's widths
+    sup, term = SEMI_LOSS_REGISTRY.get("supervised")(cfg, spec), SEMI_LOSS_REGISTRY.get("unimatch_v2")(cfg, spec)
     valid = ignore != 255
     weak = {"confidence": conf_w, "pseudo_label": torch.where(valid, mask_w, torch.full_like(mask_w, 255)),
             "valid": valid}
@@ -128,8 +131,8 @@ def test_ema_schedule_of_the_recipe_is_the_official_one():
 def test_one_training_step_reaches_the_encoder():
     torch.manual_seed(0)
     model = build_model(_cfg()).train()
-    model.iteration = 0
-    losses = model(_batch())
+    with EventStorage(0):
+        losses = model(_batch())
     assert all(torch.isfinite(v) for v in losses.values())
     (losses["loss_unimatch_v2_s1"] + losses["loss_unimatch_v2_s2"]).backward()
     assert sum(float(p.grad.abs().sum()) for p in model.student.backbone.parameters() if p.grad is not None) > 0

@@ -115,8 +115,13 @@ def test_forward_puts_pictures_of_its_step():
 
     torch.manual_seed(1)
     with RecordingStorage(start_iter=1) as storage:  # 1 % 2: no picture due
-        reference = model((labeled, unlabeled))
+        model((labeled, unlabeled))
     assert storage.images == []
+    model.vis_period = 0  # the same step (iteration 0: the storage is the model's clock) without pictures
+    torch.manual_seed(1)
+    with RecordingStorage(start_iter=0):
+        reference = model((labeled, unlabeled))
+    model.vis_period = 2
     torch.manual_seed(1)
     with RecordingStorage(start_iter=0) as storage:
         losses = model((labeled, unlabeled))

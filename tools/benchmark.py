@@ -154,7 +154,9 @@ def load_config(args, device: torch.device):
 def first_full_iteration(cfg) -> int:
     """The first iteration at which every configured term runs: max of SEMI.BURN_IN_ITERS and the ``*START_ITER``
     keys of the configured terms' sections (e.g. SEMI.MEMORY_CONTRAST.START_ITER, SEMI.DDFP.FLOW_START_ITER)."""
-    if cfg.MODEL.META_ARCHITECTURE != "SemiSegmentor":
+    from semiseg_d2.modeling import is_semi_supervised
+
+    if not is_semi_supervised(cfg):
         return 0
     starts = [int(cfg.SEMI.BURN_IN_ITERS)]
     for term in cfg.SEMI.LOSSES:
@@ -200,7 +202,9 @@ class SyntheticBatches:
         c = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
         g = torch.Generator().manual_seed(seed)
         bl = int(cfg.SOLVER.IMS_PER_BATCH)
-        semi = cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor"
+        from semiseg_d2.modeling import is_semi_supervised
+
+        semi = is_semi_supervised(cfg)
         bu = int(cfg.SOLVER.IMS_PER_BATCH_UNLABELED) if semi else 0
         names = list(cfg.DATASETS.TRAIN_LABELED) or list(cfg.DATASETS.TRAIN) or ["synthetic"]
         from semiseg_d2.losses.registry import terms_declare
@@ -234,8 +238,9 @@ class SyntheticBatches:
 
 def build_real_loader(cfg):
     from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainer
+    from semiseg_d2.modeling import is_semi_supervised
 
-    trainer_cls = SemiSegTrainer if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor" else SegTrainer
+    trainer_cls = SemiSegTrainer if is_semi_supervised(cfg) else SegTrainer
     try:
         return trainer_cls.build_train_loader(cfg)
     except (KeyError, FileNotFoundError, AssertionError) as e:
@@ -279,6 +284,7 @@ def build_training(cfg, data):
 
     from semiseg_d2.engine.hooks import build_ema_hook
     from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainLoop, autocast_dtype
+    from semiseg_d2.modeling import is_semi_supervised
 
     model = build_model(cfg)
     model.train()
@@ -287,7 +293,7 @@ def build_training(cfg, data):
     loop = SemiSegTrainLoop(model, data, optimizer, amp_dtype=autocast_dtype(cfg),
                             check_finite=cfg.SEMI.NONFINITE_CHECK)
     trainer_hooks = [hooks.LRScheduler(optimizer, scheduler)]
-    if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor" and build_ema_hook(cfg) is not None:
+    if is_semi_supervised(cfg):
         trainer_hooks.append(build_ema_hook(cfg))
     loop.register_hooks(trainer_hooks)
     return model, loop
@@ -306,8 +312,10 @@ def _gib(n: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- runs
 def common_report(args, cfg, device, start_iter):
+    from semiseg_d2.modeling import is_semi_supervised
+
     amp = cfg.SOLVER.AMP.PRECISION if cfg.SOLVER.AMP.ENABLED else None
-    semi = cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor"
+    semi = is_semi_supervised(cfg)
     return {
         "schema": SCHEMA,
         "config": args.config_file,

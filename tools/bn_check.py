@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     from semiseg_d2.config import get_semiseg_cfg
     from semiseg_d2.data.build import build_sem_seg_train_loader
     from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainer
+    from semiseg_d2.modeling import is_semi_supervised
     from detectron2.modeling import build_model
 
     cfg = get_semiseg_cfg()
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     cfg.defrost()
     cfg.DATALOADER.NUM_WORKERS = 0
 
-    semi = cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor"
+    semi = is_semi_supervised(cfg)
     model = build_model(cfg)
     import torch
 

@@ -158,13 +158,14 @@ def refuse_unfit_base(base: str, labeled: List[str], unlabeled: List[str]) -> No
     (MODEL.META_ARCHITECTURE SemiSegmentor) without unlabeled images. Refused, not rewritten: which method trains
     is the user's choice (a supervised base trains on the labeled set alone)."""
     from semiseg_d2.config import get_semiseg_cfg
+    from semiseg_d2.modeling import is_semi_supervised
 
     cfg = get_semiseg_cfg()
     cfg.merge_from_file(base)
     if not labeled:
         raise ValueError(f"--base {base}: no labeled images (--mask-dir, and not --select without_mask): "
                          "every config trains on a labeled set")
-    if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor" and not unlabeled:
+    if is_semi_supervised(cfg) and not unlabeled:
         raise ValueError(
             f"--base {base} is semi-supervised (MODEL.META_ARCHITECTURE SemiSegmentor) and needs unlabeled images, "
             "but none were given (its DATASETS.TRAIN_UNLABELED would be empty): add --unlabeled-dir DIR, or train on "

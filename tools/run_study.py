@@ -192,18 +192,16 @@ def load_cfg(config_file: str, overrides: Sequence[str]):
 
 def schedule_overrides(cfg, scale: float) -> List[str]:
     """KEY VALUE pairs multiplying every iteration count of the schedule by ``scale`` (rounded, >= 1 where > 0):
-    SOLVER.MAX_ITER / WARMUP_ITERS, TEST.EVAL_PERIOD and, for semi-supervised configs, every int ``*_ITER(S)``
-    of ``SEMI`` and of the sub-configs of the terms in ``SEMI.LOSSES`` (burn-in, term and bank starts)."""
+    SOLVER.MAX_ITER / WARMUP_ITERS, TEST.EVAL_PERIOD and, for semi-supervised configs, the iteration counts the
+    config and its terms declare (``semiseg_d2.config.schedule_keys``: burn-in, term and bank starts)."""
+    from semiseg_d2.config import schedule_keys
+    from semiseg_d2.modeling import is_semi_supervised
+
     if scale == 1.0:
         return []
     keys = ["SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS", "TEST.EVAL_PERIOD"]
-    if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor":
-        nodes = [("SEMI", cfg.SEMI)] + [(f"SEMI.{t.upper()}", cfg.SEMI[t.upper()]) for t in cfg.SEMI.LOSSES
-                                        if t.upper() in cfg.SEMI]
-        for prefix, node in nodes:
-            for k, v in node.items():
-                if k.endswith(("_ITER", "_ITERS")) and isinstance(v, int) and not isinstance(v, bool):
-                    keys.append(f"{prefix}.{k}")
+    if is_semi_supervised(cfg):
+        keys += schedule_keys(cfg)
     out = []
     for key in sorted(keys):
         node = cfg
@@ -322,6 +320,7 @@ def child_main(args) -> int:
     from semiseg_d2.data.mapper import SemSegDatasetMapper
     from semiseg_d2.engine.hooks import unwrap_model
     from semiseg_d2.engine.trainer import build_trainer
+    from semiseg_d2.modeling import is_semi_supervised
 
     cfg = load_cfg(args.config_file, args.opts)
     cfg.freeze()
@@ -337,7 +336,7 @@ def child_main(args) -> int:
     peak_alloc = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     peak_reserved = torch.cuda.max_memory_reserved() / 2**20 if cuda else None
 
-    semi = cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor"
+    semi = is_semi_supervised(cfg)
     networks = [n for n, on in (("student", cfg.TEST.EVAL_STUDENT), ("teacher", cfg.TEST.EVAL_TEACHER)) if on] if semi else [""]
     main_network = ("teacher" if "teacher" in networks else networks[0]) if semi else ""
     test_name = cfg.DATASETS.TEST[0]

@@ -57,7 +57,7 @@ class ProbConsistencyTerm(SemiLossTerm):
         self.kind = kind
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, spec):  # spec: the student head's HeadSpec (widths, decode); unused here
         c = cfg.SEMI.PROB_CONSISTENCY
         return {"weight": c.WEIGHT, "kind": c.TYPE}
 

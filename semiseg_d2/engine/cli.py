@@ -17,6 +17,7 @@ from detectron2.utils import comm
 
 from ..config import get_semiseg_cfg
 from ..data.datasets import register_folder_datasets_from_cfg
+from ..modeling import is_semi_supervised
 from ..utils.run_logging import setup_run_logging
 from .checkpoint import SemiSegCheckpointer
 from .predictor import check_weights_file
@@ -67,7 +68,7 @@ def setup(args, extra_config: Sequence[ConfigFn] = (), base_config: Callable = g
 def main(args, trainer_cls=None, **setup_kwargs):
     cfg = setup(args, **setup_kwargs)
     if trainer_cls is None:
-        trainer_cls = SemiSegTrainer if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor" else SegTrainer
+        trainer_cls = SemiSegTrainer if is_semi_supervised(cfg) else SegTrainer
     if args.eval_only:
         model = trainer_cls.build_model(cfg)
         checkpointer = SemiSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR)

@@ -6,16 +6,21 @@ from ..layers.ema import ema_momentum, ema_update_
 
 
 class EMAHook(HookBase):
-    """teacher <- m * teacher + (1 - m) * student after every step (``torch._foreach_*``).
+    """The one EMA of a run: after every step, ``teacher <- m * teacher + (1 - m) * student`` for every
+    :class:`~semiseg_d2.layers.ema.EMAPair` of the model's ``ema_pairs()`` (the EMA teacher network, and modules
+    loss terms average, e.g. the memory-contrast term's projection head), all with the same momentum m
+    (``torch._foreach_*``).
 
     ``average_buffers`` (``SEMI.EMA.AVERAGE_BUFFERS``, default True): the floating-point buffers (BN running
     mean / var) are averaged with the same momentum, as UniMatch V2 does, so the eval-mode teacher normalises
     with statistics of its own averaged weights; False copies the student's statistics (which belong to the
-    student's current weights, not the teacher's). Integer buffers are always copied.
+    student's current weights, not the teacher's). A pair may fix its own choice (``EMAPair.average_buffers``).
+    Integer buffers are always copied. Under DDP every averaged module's floating-point buffers are then averaged
+    over ranks (plain BN: one normalisation on every rank).
 
-    During the supervised burn-in (``SEMI.BURN_IN_ITERS``) the teacher is left alone; after the last
-    burn-in step it becomes an exact copy of the student. The schedule's clock ``t = it - burn_in`` is
-    0 at the first semi-supervised step, as U2PL/DGCL count it, so their warm start
+    During the supervised burn-in (``SEMI.BURN_IN_ITERS``) the pairs are left alone; after the last
+    burn-in step each averaged module becomes an exact copy of its student. The schedule's clock ``t = it - burn_in``
+    is 0 at the first semi-supervised step, as U2PL/DGCL count it, so their warm start
     ``min(1 - 1/(t+1), m)`` and Alonso's cosine schedule both start when the teacher starts to be used.
     """
 
@@ -45,15 +50,15 @@ class EMAHook(HookBase):
         m = self.momentum_at(self.trainer.iter)
         if m is None:
             return
-        model = unwrap_model(self.trainer.model)
-        ema_update_(model.teacher, model.student, m, ema_buffers=self.average_buffers)
-        average_float_buffers_(model.teacher)  # DDP + plain BN: one teacher normalisation on every rank
-        self.trainer.storage.put_scalar("ema_momentum", m, smoothing_hint=False)
+        pairs = unwrap_model(self.trainer.model).ema_pairs()
+        for pair in pairs:
+            average = self.average_buffers if pair.average_buffers is None else pair.average_buffers
+            ema_update_(pair.teacher, pair.student, m, ema_buffers=average)
+            average_float_buffers_(pair.teacher)
+        if pairs:  # SEMI.TEACHER_MODE "student" without averaging terms: nothing is averaged
+            self.trainer.storage.put_scalar("ema_momentum", m, smoothing_hint=False)
 
 
-def build_ema_hook(cfg):
-    """The ``EMAHook`` of ``cfg.SEMI.EMA``; None with ``SEMI.TEACHER_MODE "student"`` (no teacher to update)."""
-    if cfg.SEMI.TEACHER_MODE == "student":
-        return None
+def build_ema_hook(cfg) -> EMAHook:
+    """The ``EMAHook`` of ``cfg.SEMI.EMA`` (a semi-supervised model lists what it averages: ``ema_pairs()``)."""
     return EMAHook.from_config(cfg)
-

@@ -10,7 +10,7 @@ conventions, with these changes:
 - checkpoints written atomically with RNG states and the config; resuming refuses another config
   and any missing/unexpected key;
 - SGD with backbone/head LR multipliers, parameters a loss term optimises itself left out;
-- ``SemiSegTrainer`` adds the EMA teacher hook (none with ``SEMI.TEACHER_MODE "student"``), evaluates student and teacher, and runs stateful
+- ``SemiSegTrainer`` adds the EMA hook (the teacher and the modules loss terms average), evaluates student and teacher, and runs stateful
   loss-term updates (memory banks, flows) after each optimizer step;
 - MODEL.WEIGHTS must fill the backbone (MODEL.WEIGHTS_REQUIRED_PREFIXES / MODEL.WEIGHTS_NEW_KEYS);
 - every printed evaluation names its network; the last one is written to OUTPUT_DIR/results.json.
@@ -33,9 +33,11 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 
-from ..config import check_semiseg_config
+from ..config import check_semiseg_config, lookup, schedule_keys
 from ..data.build import build_sem_seg_test_loader, build_sem_seg_train_loader, build_semi_train_loader
 from ..evaluation import build_sem_seg_evaluator
+from ..losses.registry import config_with_dataset_values
+from ..modeling import TeacherStudent, is_semi_supervised
 from .checkpoint import SemiSegCheckpointer, atomic_write_text, capture_rng_state, restore_rng_state
 from .hooks import build_ema_hook, unwrap_model
 from .optimizer import build_optimizer
@@ -156,7 +158,7 @@ class SemiSegTrainLoop(SimpleTrainer):
         values = torch.stack([v.detach().float() for v in loss_dict.values()])
         if bool(torch.isfinite(values).all()):
             return
-        owners = getattr(module, "loss_owner", {})
+        owners = module.loss_owner if isinstance(module, TeacherStudent) else {}
         bad = [
             f"{k} (term '{owners[k]}')" if k in owners else k
             for k, v in loss_dict.items()
@@ -170,7 +172,7 @@ class SemiSegTrainLoop(SimpleTrainer):
     def run_step(self):
         assert self.model.training, "[SemiSegTrainLoop] model was changed to eval mode!"
         module = unwrap_model(self.model)
-        module.iteration = self.iter
+        semi = isinstance(module, TeacherStudent)  # the model reads the step's iteration from the event storage
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
@@ -180,7 +182,7 @@ class SemiSegTrainLoop(SimpleTrainer):
         device_type = "cuda" if next(module.parameters()).is_cuda else "cpu"
         with torch.autocast(device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             loss_dict = self.model(data)
-        metrics = module.pop_metrics() if hasattr(module, "pop_metrics") else {}
+        metrics = module.pop_metrics() if semi else {}
         losses = sum(loss_dict.values())
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scaler is not None:
@@ -199,7 +201,7 @@ class SemiSegTrainLoop(SimpleTrainer):
             self.grad_scaler.update()
         else:
             self.optimizer.step()
-        if hasattr(module, "after_optimizer_step"):
+        if semi:
             module.after_optimizer_step()
 
     def state_dict(self):
@@ -251,9 +253,9 @@ class SegTrainer(DefaultTrainer):
     @staticmethod
     def auto_scale_workers(cfg, num_workers: int):
         """detectron2's ``SOLVER.REFERENCE_WORLD_SIZE`` scaling (labeled batch, LR, MAX_ITER, warm-up, periods),
-        extended to the unlabeled batch and to every iteration count under ``SEMI`` (keys ``*_ITER``/``*_ITERS``:
-        burn-in, term start iterations, ramp-ups), so a recipe keeps its per-GPU batch and its schedule in
-        images seen. Logs the effective global batch."""
+        extended to the unlabeled batch and to the iteration counts semiseg_d2 and its terms declare
+        (:func:`~semiseg_d2.config.schedule_keys`: burn-in, term start iterations, ramp-ups), so a recipe keeps its
+        per-GPU batch and its schedule in images seen. Logs the effective global batch."""
         old = cfg.SOLVER.REFERENCE_WORLD_SIZE
         scaled = DefaultTrainer.auto_scale_workers(cfg, num_workers)
         if old not in (0, num_workers):
@@ -266,14 +268,10 @@ class SegTrainer(DefaultTrainer):
             frozen = scaled.is_frozen()
             scaled.defrost()
             scaled.SOLVER.IMS_PER_BATCH_UNLABELED = int(round(unl * scale))
-            stack = [scaled.SEMI]
-            while stack:
-                node = stack.pop()
-                for key, value in node.items():
-                    if isinstance(value, dict):
-                        stack.append(value)
-                    elif key.endswith(("_ITER", "_ITERS")) and isinstance(value, int):
-                        node[key] = int(round(value / scale))
+            for key in schedule_keys(scaled):
+                *path, last = key.split(".")
+                node = lookup(scaled, ".".join(path))
+                node[last] = int(round(node[last] / scale))
             if frozen:
                 scaled.freeze()
         logger.info(
@@ -382,6 +380,12 @@ class SemiSegTrainer(SegTrainer):
     def build_train_loader(cls, cfg):
         return build_semi_train_loader(cfg)
 
+    @classmethod
+    def build_model(cls, cfg):
+        """The model of ``cfg`` with the values its terms derive from the training sets filled in
+        (e.g. SEMI.MEMORY_CONTRAST.NUM_LABELED): building a term reads no dataset."""
+        return super().build_model(config_with_dataset_values(cfg))
+
     def load_initial_weights(self, path: str) -> None:
         """MODEL.WEIGHTS initialise the student (e.g. ImageNet backbone); the teacher starts as its copy."""
         if path:
@@ -393,10 +397,8 @@ class SemiSegTrainer(SegTrainer):
     def build_hooks(self):
         ret = super().build_hooks()
         cfg = self.cfg
-        ema = build_ema_hook(cfg)
-        if ema is not None:
-            # The teacher must be updated before checkpointing/evaluation of the same iteration.
-            ret.insert(2, ema)
+        # The averaged modules must be updated before checkpointing/evaluation of the same iteration.
+        ret.insert(2, build_ema_hook(cfg))
         return ret
 
     @staticmethod
@@ -407,7 +409,7 @@ class SemiSegTrainer(SegTrainer):
     def test(cls, cfg, model, evaluators=None, network: Optional[str] = None):
         """Evaluate the networks named by TEST.EVAL_STUDENT / TEST.EVAL_TEACHER; results keyed by network."""
         module = unwrap_model(model)
-        if not hasattr(module, "eval_network"):
+        if not isinstance(module, TeacherStudent):
             return super().test(cfg, model, evaluators, network or "segmentor")
         results = OrderedDict()
         previous = module.eval_network
@@ -423,4 +425,4 @@ class SemiSegTrainer(SegTrainer):
 
 def build_trainer(cfg):
     """The trainer class the config asks for."""
-    return SemiSegTrainer(cfg) if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor" else SegTrainer(cfg)
+    return SemiSegTrainer(cfg) if is_semi_supervised(cfg) else SegTrainer(cfg)

@@ -1,9 +1,11 @@
-"""Mean-Teacher EMA: the momentum schedule and the in-place teacher update.
+"""Mean-Teacher EMA: the momentum schedule, the in-place update and the pairs it applies to.
 
-Pure functions; the engine's EMAHook decides when to call them (after the optimizer step).
+Pure functions and a record; the engine's EMAHook decides when to call them (after the optimizer step) and applies
+one momentum to every :class:`EMAPair` the model lists (its teacher, and the averaged modules of its loss terms).
 """
 import math
-from typing import List, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -34,6 +36,20 @@ def ema_momentum(schedule: str, base: float, it: int, max_iter: int) -> float:
         t = min(max(it, 0), max_iter) / max_iter
         return float(1.0 - (1.0 - base) * (math.cos(math.pi * t) + 1.0) / 2.0)
     raise ValueError(f"SEMI.EMA.SCHEDULE: unknown schedule '{schedule}'; known: {', '.join(EMA_SCHEDULES)}")
+
+
+@dataclass(frozen=True)
+class EMAPair:
+    """An averaged module and the trained module it follows: ``teacher <- m * teacher + (1 - m) * student``.
+
+    ``teacher`` is never trained (no gradient, eval mode); names and shapes of its parameters and buffers match the
+    student's (:func:`ema_update_`). ``average_buffers``: None follows the hook's ``SEMI.EMA.AVERAGE_BUFFERS``;
+    True / False fixes how this pair's floating-point buffers are treated (averaged / copied from the student).
+    """
+
+    teacher: nn.Module
+    student: nn.Module
+    average_buffers: Optional[bool] = None
 
 
 def _paired(kind: str, teacher: List[Tuple[str, torch.Tensor]], student: List[Tuple[str, torch.Tensor]]):

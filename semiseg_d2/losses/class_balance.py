@@ -6,8 +6,10 @@ publishes ``alpha_c = sqrt(f_median / f_c)`` as ``step.class_weights [C]`` for t
 from typing import Dict
 
 import torch
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
+from ..config import UNIT_OPEN, ITERATION, declare
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
 __all__ = ["median_frequency_weights", "ClassBalanceTerm"]
@@ -24,6 +26,17 @@ def median_frequency_weights(counts: torch.Tensor, power: float = 0.5) -> torch.
     seen = counts > 0
     alpha = (f_m / counts.clamp_min(1e-12)) ** power
     return torch.where(seen & (f_m > 0), alpha, torch.ones_like(alpha))
+
+
+def add_class_balance_config(cfg) -> None:
+    """Declare ``SEMI.CLASS_BALANCE.*``, the keys of the ``class_balance`` term (``add_semiseg_config`` calls this)."""
+    # class_balance term (losses/class_balance.py): CE class weights alpha_c = sqrt(f_median / f_c) for the terms
+    # listed after it (supervised, pseudo_label) from labels + pseudo-labels (Alonso: Cityscapes/GTA5 on, VOC off)
+    cfg.SEMI.CLASS_BALANCE = CN()
+    declare(cfg, "SEMI.CLASS_BALANCE.MOMENTUM", 0.999, UNIT_OPEN)  # EMA of the per-step class pixel counts
+    cfg.SEMI.CLASS_BALANCE.FROM_PSEUDO_LABELS = True  # also count the teacher's pseudo-labels (paper: yes)
+    # weights are 1 before this iteration (counting starts at once)
+    declare(cfg, "SEMI.CLASS_BALANCE.START_ITER", 0, ITERATION)
 
 
 @SEMI_LOSS_REGISTRY.register_term
@@ -51,13 +64,13 @@ class ClassBalanceTerm(SemiLossTerm):
         self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.float64))
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, spec):
         names = list(cfg.SEMI.LOSSES)
         late = [n for n in ("supervised", "pseudo_label") if n in names and names.index(n) < names.index(cls.name)]
         if late:
             raise ValueError(f"SEMI.LOSSES {names}: 'class_balance' must come before {late} (it weights their CE)")
         c = cfg.SEMI.CLASS_BALANCE
-        return dict(num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, momentum=c.MOMENTUM,
+        return dict(num_classes=spec.num_classes, momentum=c.MOMENTUM,
                     from_pseudo_labels=c.FROM_PSEUDO_LABELS, start_iter=c.START_ITER)
 
     def class_weights(self) -> torch.Tensor:

@@ -12,16 +12,17 @@ Paper -> code map and deviations: docs/methods/ddfp.md. Pieces:
 """
 import logging
 import math
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from detectron2.layers import get_norm
-from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.utils.logger import log_every_n_seconds
 from torch import nn
 
+from ..config import Range, POSITIVE, NON_NEGATIVE, AT_LEAST_1, UNIT, ITERATION, declare
 from ..layers.flow import CouplingFlow
 from ..layers.label_ops import resize_labels, threshold_keep_mask
 from ..layers.online_adam import OnlineAdam
@@ -33,13 +34,17 @@ logger = logging.getLogger(__name__)
 
 _FLOW_TARGETS = ("mixture", "pseudo_label")
 _NORMALIZE = ("all", "kept")
+_NEEDS_DECODER = (
+    "SEMI.LOSSES 'ddfp' perturbs the decoder input: it needs MODEL.SEM_SEG_HEAD.NAME 'U2PLDeepLabV3PlusHead' (the "
+    "reference's decoder), 'DeepLabV3PlusFeatHead' or 'DPTHead' (head outputs 'decoder_input' and a decode() method)"
+)
 
 
 def _check_dim(flow_dim: int, feat_dim: int, where: str) -> None:
     if feat_dim != flow_dim:
         raise ValueError(
             f"SEMI.DDFP: {where} are {feat_dim}-d but the flow models {flow_dim}-d features "
-            f"(the flow is built with MODEL.SEM_SEG_HEAD.CONVS_DIM)"
+            f"(the flow is built with the 'features' width of the head's spec)"
         )
 
 
@@ -111,12 +116,44 @@ def flow_nll(flow: CouplingFlow, feats: torch.Tensor, labels: torch.Tensor, weig
     return -(ll * w).sum() / w.sum().clamp_min(1.0)
 
 
+def add_ddfp_config(cfg) -> None:
+    """Declare ``SEMI.DDFP.*``, the keys of the ``ddfp`` term (``add_semiseg_config`` calls this)."""
+    # ddfp term (Wang et al., CVPR 2024): CE of the student's decoder on density-descending perturbed
+    # decoder inputs of the strong (mixed) views; a normalizing flow (layers/flow.py) trained online on teacher features
+    cfg.SEMI.DDFP = CN()
+    declare(cfg, "SEMI.DDFP.WEIGHT", 0.5, NON_NEGATIVE)  # lambda_p of the perturbed-feature CE
+    declare(cfg, "SEMI.DDFP.THRESHOLD", 0.95, UNIT)  # teacher confidence to keep a pixel (loss and perturbation mask)
+    cfg.SEMI.DDFP.NORMALIZE = "kept"  # CE normalisation as SEMI.PSEUDO_LABEL.NORMALIZE (reference: "kept")
+    declare(cfg, "SEMI.DDFP.EPS", 4.0, POSITIVE)  # L2 norm of the perturbation of each pixel's decoder input
+    cfg.SEMI.DDFP.PERTURBED_BN = True  # separate BN set for the perturbed decoder pass (reference MixSyncBN)
+    # no perturbation loss before this iteration (reference: burn-in + 1 epoch)
+    declare(cfg, "SEMI.DDFP.START_ITER", 0, ITERATION)
+    # the flow trains from this iteration on (reference: end of burn-in)
+    declare(cfg, "SEMI.DDFP.FLOW_START_ITER", 0, ITERATION)
+    declare(cfg, "SEMI.DDFP.FLOW_BLOCKS", 2, AT_LEAST_1)  # GLOW coupling blocks
+    declare(cfg, "SEMI.DDFP.FLOW_HIDDEN", [256, 256], AT_LEAST_1)  # hidden widths of every coupling subnet
+    declare(cfg, "SEMI.DDFP.FLOW_CLAMP", 2.0, POSITIVE)  # soft clamp of the coupling log-scales
+    # seeds the flow's permutations and initialisation (identical on every rank)
+    declare(cfg, "SEMI.DDFP.FLOW_SEED", 0, NON_NEGATIVE)
+    declare(cfg, "SEMI.DDFP.FLOW_LR", 1e-3, POSITIVE)  # Adam learning rate of the flow (own optimizer, not SOLVER.*)
+    declare(cfg, "SEMI.DDFP.FLOW_BETAS", [0.5, 0.9], Range(0, 1, hi_open=True, length=2))  # Adam betas of the flow
+    # flow lr decays geometrically to FLOW_LR * this at MAX_ITER
+    declare(cfg, "SEMI.DDFP.FLOW_LR_END_FACTOR", 0.01, Range(0, 1, lo_open=True))
+    declare(cfg, "SEMI.DDFP.FLOW_GRAD_CLIP", 50.0, NON_NEGATIVE)  # max global grad norm of a flow step (0 = off)
+    declare(cfg, "SEMI.DDFP.FLOW_SAMPLES", 20480, AT_LEAST_1)  # teacher pixel features per flow step (per rank)
+    declare(cfg, "SEMI.DDFP.FLOW_NOISE", 0.05, NON_NEGATIVE)  # std of the Gaussian noise added to those features
+    # unlabeled pixels in the flow's NLL: "mixture" (every valid pixel, marginal density; reference code) or
+    # "pseudo_label" (confident pixels, class-conditional on the teacher's pseudo-label, THRESHOLD)
+    cfg.SEMI.DDFP.FLOW_UNLABELED_TARGET = "mixture"
+
+
 @SEMI_LOSS_REGISTRY.register_term
 class DDFPTerm(SemiLossTerm):
     """``ddfp``: CE of the student on density-descending perturbed decoder inputs of the strong views.
 
-    Needs a head with ``decoder_input`` / ``decode`` (U2PLDeepLabV3PlusHead, DeepLabV3PlusFeatHead, DPTHead). Owns the flow, its Adam
-    optimizer (``params_with_own_optimizer``) and, with ``perturbed_bn``, the BN set of the perturbed pass.
+    Needs a head with ``decoder_input`` / ``decode`` (U2PLDeepLabV3PlusHead, DeepLabV3PlusFeatHead, DPTHead): built
+    from its spec (``decode``, its norm count, the feature width). Owns the flow, its Adam optimizer
+    (``params_with_own_optimizer``) and, with ``perturbed_bn``, the BN set of the perturbed pass.
     Buffers: ``flow_skipped`` counts flow steps skipped for a non-finite loss/gradient, ``flow_nll`` the
     last flow loss (both logged as ``ddfp/*`` metrics).
     """
@@ -131,6 +168,7 @@ class DDFPTerm(SemiLossTerm):
         *,
         num_classes: int,
         feature_dim: int,
+        decode: Optional[Callable] = None,
         ignore_value: int = 255,
         weight: float = 0.5,
         threshold: float = 0.95,
@@ -162,6 +200,8 @@ class DDFPTerm(SemiLossTerm):
             raise ValueError(f"SEMI.DDFP.NORMALIZE: unknown '{normalize}'; known: {', '.join(_NORMALIZE)}")
         if len(flow_betas) != 2:
             raise ValueError(f"SEMI.DDFP.FLOW_BETAS: two values expected, got {list(flow_betas)}")
+        # the student head's decode(decoder_input, norms=None) -> (features, logits); only forward needs it
+        self.decode = decode
         self.ignore_value = ignore_value
         self.weight = weight
         self.threshold = threshold
@@ -190,12 +230,15 @@ class DDFPTerm(SemiLossTerm):
         self.register_buffer("flow_nll", torch.zeros(()))
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, spec):
+        if spec.decode is None or spec.decoder_input_dim <= 0:
+            raise ValueError(_NEEDS_DECODER + f"; the head '{spec.name}' has none")
         c = cfg.SEMI.DDFP
         head = cfg.MODEL.SEM_SEG_HEAD
         return dict(
-            num_classes=head.NUM_CLASSES,
-            feature_dim=head.CONVS_DIM,
+            num_classes=spec.num_classes,
+            feature_dim=spec.feature_dim,
+            decode=spec.decode,
             ignore_value=head.IGNORE_VALUE,
             weight=c.WEIGHT,
             threshold=c.THRESHOLD,
@@ -204,7 +247,7 @@ class DDFPTerm(SemiLossTerm):
             perturbed_bn=c.PERTURBED_BN,
             norm=head.NORM,
             # the head's decode() norms (DeepLabV3+: 2 decoder convs, DPT: 1); the perturbed set mirrors them
-            decoder_norms=getattr(SEM_SEG_HEADS_REGISTRY.get(head.NAME), "num_decoder_norms", 2),
+            decoder_norms=spec.num_decoder_norms,
             start_iter=c.START_ITER,
             flow_start_iter=c.FLOW_START_ITER,
             flow_blocks=c.FLOW_BLOCKS,
@@ -224,21 +267,10 @@ class DDFPTerm(SemiLossTerm):
         return list(self.flow_optimizer.params)
 
     # ------------------------------------------------------------------ loss
-    def _decoder(self, step):
+    def _decoder_input(self, step):
         dec_in = step.student_strong.get("decoder_input")
-        if dec_in is None or step.student_decode is None:
-            raise ValueError(
-                "SEMI.LOSSES 'ddfp' perturbs the decoder input: it needs MODEL.SEM_SEG_HEAD.NAME "
-                "'U2PLDeepLabV3PlusHead' (the reference's decoder), 'DeepLabV3PlusFeatHead' or 'DPTHead' (head "
-                "outputs 'decoder_input' and a decode() method)"
-            )
-        head = getattr(step.student_decode, "__self__", None)
-        if self.perturbed_norms is not None and head is not None:
-            if len(head.decoder_norms) != len(self.perturbed_norms):
-                raise ValueError(
-                    f"SEMI.DDFP.PERTURBED_BN: the head has {len(head.decoder_norms)} decoder norms, the term "
-                    f"{len(self.perturbed_norms)}"
-                )
+        if dec_in is None or self.decode is None:
+            raise ValueError(_NEEDS_DECODER)
         return dec_in
 
     def forward(self, step):
@@ -247,18 +279,18 @@ class DDFPTerm(SemiLossTerm):
         logits = step.student_strong["logits"]
         if step.iteration < self.start_iter:
             return {"loss_ddfp": logits.new_zeros(())}
-        dec_in = self._decoder(step)
+        dec_in = self._decoder_input(step)
         keep = threshold_keep_mask(t["confidence"], t["valid"], self.threshold)
         norms = self.perturbed_norms
 
         def decode_features(x):
-            return step.student_decode(x, norms=norms)[0]
+            return self.decode(x, norms=norms)[0]
 
         delta = density_descending_perturbation(
             decode_features, self.flow, dec_in, resize_labels(keep, dec_in.shape[-2:]), self.eps
         )
         # The clean decoder input keeps its graph: the perturbed branch also trains the encoder (reference).
-        _, logits_p = step.student_decode(dec_in + delta, norms=norms)
+        _, logits_p = self.decode(dec_in + delta, norms=norms)
         loss = pseudo_label_cross_entropy(logits_p, t["pseudo_label"], keep, t["valid"], normalize=self.normalize)
         return {"loss_ddfp": loss * self.weight}
 

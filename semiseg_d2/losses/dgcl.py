@@ -19,8 +19,10 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
+from ..config import Range, OneOf, POSITIVE, NON_NEGATIVE, AT_LEAST_1, PERCENT, declare
 from ..layers.density import class_density_blocked, knn_density_grouped
 from ..layers.distributed import gather_for_enqueue
 from ..layers.label_ops import entropy_keep_mask, resize_labels, softmax_entropy
@@ -105,6 +107,44 @@ def dgcl_contrastive_loss(
 
 
 # ---------------------------------------------------------------------------------------------- the term
+def add_dgcl_config(cfg) -> None:
+    """Declare ``SEMI.DGCL.*``, the keys of the ``dgcl`` term (``add_semiseg_config`` calls this)."""
+    # dgcl term (losses/dgcl.py, docs/methods/dgcl.md): density-guided contrastive loss + class-wise memory bank
+    cfg.SEMI.DGCL = CN()
+    # lambda_c of L = L_sup + lambda_u L_u + lambda_c L_dgcl (paper/reference: 0.5)
+    declare(cfg, "SEMI.DGCL.WEIGHT", 0.5, NON_NEGATIVE)
+    declare(cfg, "SEMI.DGCL.TEMPERATURE", 0.5, POSITIVE)  # InfoNCE temperature
+    # projection MLP width (Linear-BN-ReLU-Linear on the head's "features")
+    declare(cfg, "SEMI.DGCL.PROJ_DIM", 256, AT_LEAST_1)
+    declare(cfg, "SEMI.DGCL.NUM_ANCHORS", 200, AT_LEAST_1)  # lowest-density pixels per class used as anchors
+    # highest-density keys per class, taken from the batch AND from the bank
+    declare(cfg, "SEMI.DGCL.NUM_POSITIVES", 50, AT_LEAST_1)
+    declare(cfg, "SEMI.DGCL.NUM_NEGATIVES", 512, AT_LEAST_1)  # random pixels of other classes per class
+    # random subset of a class's batch pixels whose density is computed
+    declare(cfg, "SEMI.DGCL.MAX_PIXELS_PER_CLASS", 10000, AT_LEAST_1)
+    declare(cfg, "SEMI.DGCL.MEMORY_SIZE", 10000, AT_LEAST_1)  # bank entries per class (FIFO)
+    # at most this many new bank entries per class per step (all ranks together)
+    declare(cfg, "SEMI.DGCL.UPDATE_PER_CLASS", 1000, AT_LEAST_1)
+    # a class contributes once its bank holds this many entries (ref: all classes full)
+    declare(cfg, "SEMI.DGCL.MIN_FILL", 10000, Range(0, "SEMI.DGCL.MEMORY_SIZE"))
+    declare(cfg, "SEMI.DGCL.DENSITY_KS", [8, 16, 32], AT_LEAST_1)  # kNN sizes of the multi-scale density
+    # contrastive labels / bank entries drop the max(DROP_PERCENT * (1 - progress), MIN_DROP_PERCENT) % highest-
+    # entropy pseudo-labelled pixels; progress counts from the end of SEMI.BURN_IN_ITERS
+    declare(cfg, "SEMI.DGCL.DROP_PERCENT", 80.0, PERCENT)
+    declare(cfg, "SEMI.DGCL.MIN_DROP_PERCENT", 10.0, PERCENT)
+    # classes that never get anchors (ref: [0] on every dataset; VOC background)
+    declare(cfg, "SEMI.DGCL.SKIP_CLASSES", [], Range(0, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", hi_open=True))
+    # "per_class": a class contributes once its bank holds MIN_FILL (ours); "all_classes": the loss is off until every
+    # class's bank holds MIN_FILL (official check_if_full, which with SKIP_CLASSES [0] is the official start)
+    declare(cfg, "SEMI.DGCL.START", "per_class", OneOf("per_class", "all_classes"))
+    # 0: loss weight WEIGHT (ours, paper). W > 0: WEIGHT / W, the official effective weight of its non-autograd
+    # all_reduce + / world_size on W GPUs (Cityscapes W = 8: 0.0625, VOC W = 4: 0.125), whatever world size we run on
+    declare(cfg, "SEMI.DGCL.OFFICIAL_WORLD_SIZE", 0, NON_NEGATIVE)
+    cfg.SEMI.DGCL.BANK_SOURCE = "student"  # bank features from the "student" (ref) or the "teacher" (weak views)
+    # similarities materialised at once in the kNN density (memory)
+    declare(cfg, "SEMI.DGCL.DENSITY_MAX_ELEMENTS", 134217728, AT_LEAST_1)
+
+
 @SEMI_LOSS_REGISTRY.register_term
 class DGCLTerm(SemiLossTerm):
     """``dgcl``: density-guided contrastive loss on labeled + weak-unlabeled student features, with its
@@ -137,7 +177,6 @@ class DGCLTerm(SemiLossTerm):
         official_world_size: int = 0,
         bank_source: str = "student",
         density_max_elements: int = 1 << 27,
-        burn_in_iters: int = 0,
         ignore_value: int = 255,
         seed: int = 0,
         norm: str = "BN",
@@ -174,7 +213,6 @@ class DGCLTerm(SemiLossTerm):
         self.min_drop_percent = min_drop_percent
         self.bank_source = bank_source
         self.density_max_elements = density_max_elements
-        self.burn_in_iters = burn_in_iters
         self.ignore_value = ignore_value
         self.seed = seed
         self.proj = ProjectionHead(feature_dim, proj_dim, proj_dim, norm)  # SyncBN: the official convert_sync_batchnorm
@@ -185,11 +223,11 @@ class DGCLTerm(SemiLossTerm):
         self._pending = None  # (step, labels [P], frozen ProjectedRows [P, Dp]) from forward, for update
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, spec):
         c = cfg.SEMI.DGCL
         return dict(
-            num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            feature_dim=cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
+            num_classes=spec.num_classes,
+            feature_dim=spec.feature_dim,
             proj_dim=c.PROJ_DIM,
             weight=c.WEIGHT,
             temperature=c.TEMPERATURE,
@@ -208,7 +246,6 @@ class DGCLTerm(SemiLossTerm):
             official_world_size=c.OFFICIAL_WORLD_SIZE,
             bank_source=c.BANK_SOURCE,
             density_max_elements=c.DENSITY_MAX_ELEMENTS,
-            burn_in_iters=cfg.SEMI.BURN_IN_ITERS,
             ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             seed=cfg.SEED if cfg.SEED >= 0 else 0,
             norm=cfg.MODEL.SEM_SEG_HEAD.NORM,
@@ -216,11 +253,9 @@ class DGCLTerm(SemiLossTerm):
 
     # ------------------------------------------------------------------ labels
     def drop_percent_at(self, step) -> float:
-        """max(DROP_PERCENT * (1 - progress), MIN_DROP_PERCENT), progress counted from the end of burn-in
-        (the reference's (epoch - sup_only_epoch) / (epochs - sup_only_epoch), per iteration here)."""
-        span = max(step.max_iter - self.burn_in_iters, 1)
-        progress = min(max((step.iteration - self.burn_in_iters) / span, 0.0), 1.0)
-        return max(self.drop_percent * (1.0 - progress), self.min_drop_percent)
+        """max(DROP_PERCENT * (1 - progress), MIN_DROP_PERCENT) with the step's ``semi_progress`` (counted from the
+        end of burn-in: the reference's (epoch - sup_only_epoch) / (epochs - sup_only_epoch), per iteration here)."""
+        return max(self.drop_percent * (1.0 - step.semi_progress), self.min_drop_percent)
 
     @torch.no_grad()
     def contrast_labels(self, step, size) -> torch.Tensor:
@@ -253,7 +288,7 @@ class DGCLTerm(SemiLossTerm):
         if feats.shape[1] != self.feature_dim:
             raise ValueError(
                 f"dgcl: the head's 'features' have D={feats.shape[1]} but the projection head and bank were built "
-                f"for D={self.feature_dim} (MODEL.SEM_SEG_HEAD.CONVS_DIM); the two must match"
+                f"for D={self.feature_dim} (the head's spec when the term was built); the two must match"
             )
         return feats
 

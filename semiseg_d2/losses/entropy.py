@@ -6,12 +6,23 @@ from typing import Dict
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
+from ..config import ITERATION, NON_NEGATIVE, declare
 from ..utils.dtype import upcast
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
-__all__ = ["EntropyTerm"]
+__all__ = ["EntropyTerm", "add_entropy_config"]
+
+
+def add_entropy_config(cfg) -> None:
+    """Declare ``SEMI.ENTROPY.*``, the keys of the ``entropy`` term (``add_semiseg_config`` calls this)."""
+    # entropy term (losses/entropy.py): direct entropy minimisation on the strong unlabeled views (Alonso Eq. 7)
+    cfg.SEMI.ENTROPY = CN()
+    declare(cfg, "SEMI.ENTROPY.WEIGHT", 0.01, NON_NEGATIVE)  # lambda_ent
+    declare(cfg, "SEMI.ENTROPY.START_ITER", 0, ITERATION)  # zero before this iteration (paper: from the start)
+    cfg.SEMI.ENTROPY.NORMALIZE = False  # divide by log(C) (the reference code divides by log2(C)); paper: no
 
 
 @SEMI_LOSS_REGISTRY.register_term
@@ -29,7 +40,7 @@ class EntropyTerm(SemiLossTerm):
         self.normalize = normalize
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, spec):
         c = cfg.SEMI.ENTROPY
         return dict(weight=c.WEIGHT, start_iter=c.START_ITER, normalize=c.NORMALIZE)
 

@@ -7,18 +7,21 @@ term. Paper -> code map: docs/methods/memory_contrast.md.
   loss = 1/C sum_c 1/(N_p N_z) sum_p sum_z w_p w_z (1 - cos(p, z')) on labeled (ground truth) and unlabeled
   (teacher pseudo-label) pixels. The memory holds teacher projections g_xi(f_xi(x_l)) of labeled pixels that the
   teacher classifies correctly with confidence > phi, the top-K per image and class by the teacher's memory
-  selector S_{c,xi}. The term keeps its own EMA copies of the projection head and memory selectors (g_xi, S_xi).
+  selector S_{c,xi}. The term holds EMA copies of the projection head and memory selector (g_xi, S_xi), which the
+  engine's EMAHook updates with the teacher's momentum (:meth:`MemoryContrastTerm.ema_pairs`).
 """
 import copy
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
+from ..config import NON_NEGATIVE, AT_LEAST_1, UNIT, ITERATION, declare
 from ..layers.class_attention import ClassAttentionSelectors
 from ..layers.distributed import gather_for_enqueue
-from ..layers.ema import ema_momentum, ema_update_
+from ..layers.ema import EMAPair
 from ..layers.label_ops import resize_labels
 from ..layers.memory_bank import ClassMemoryBank, topk_per_class_per_image
 from ..utils.dtype import upcast
@@ -28,7 +31,6 @@ from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 __all__ = [
     "memory_contrast_loss",
     "quality_filter",
-    "head_feature_dim",
     "MemoryContrastTerm",
 ]
 
@@ -90,17 +92,6 @@ def quality_filter(
     return keep, confidence
 
 
-def head_feature_dim(cfg) -> int:
-    """D of the head's "features" implied by the config: res5 channels for DeepLabV2 (2048 for R50/R101),
-    CONVS_DIM for DeepLabV3+ and DPT (docs/architecture.md). 0 when the head is unknown."""
-    head = cfg.MODEL.SEM_SEG_HEAD
-    if head.NAME == "DeepLabV2Head":
-        return cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 8
-    if head.NAME in ("DeepLabV3PlusFeatHead", "U2PLDeepLabV3PlusHead", "DPTHead"):
-        return head.CONVS_DIM
-    return 0
-
-
 def _count_labeled(names: Sequence[str]) -> int:
     from detectron2.data import DatasetCatalog
 
@@ -113,11 +104,44 @@ def _count_labeled(names: Sequence[str]) -> int:
         ) from e
 
 
-def _momentum_iteration(iteration: int, burn_in: int, max_iter: int) -> Tuple[int, int]:
-    return iteration - burn_in, max(max_iter - burn_in, 1)  # the EMAHook's clock (engine/hooks.py)
+def _bank_datasets(cfg) -> List[str]:
+    """BANK_DATASETS, checked against the labeled training sets; all of them when empty."""
+    c = cfg.SEMI.MEMORY_CONTRAST
+    labeled = list(cfg.DATASETS.TRAIN_LABELED) or list(cfg.DATASETS.TRAIN)
+    unknown = [n for n in c.BANK_DATASETS if n not in labeled]
+    if unknown:
+        raise ValueError(f"SEMI.MEMORY_CONTRAST.BANK_DATASETS {unknown} are not in DATASETS.TRAIN_LABELED {labeled}")
+    return list(c.BANK_DATASETS) or labeled
 
 
 # ---------------------------------------------------------------------------------------------- terms
+def add_memory_contrast_config(cfg) -> None:
+    """Declare ``SEMI.MEMORY_CONTRAST.*``, the keys of the ``memory_contrast`` term (``add_semiseg_config`` calls this)."""
+    # memory_contrast term (losses/memory_contrast.py, docs/methods/memory_contrast.md): Alonso et al. ICCV 2021
+    cfg.SEMI.MEMORY_CONTRAST = CN()
+    # lambda_contr, applied to the labeled and to the unlabeled part each
+    declare(cfg, "SEMI.MEMORY_CONTRAST.WEIGHT", 0.1, NON_NEGATIVE)
+    declare(cfg, "SEMI.MEMORY_CONTRAST.START_ITER", 2000, ITERATION)  # loss is zero before this iteration (paper: 2K)
+    # bank filled from this iteration on (paper: every iteration; code: 1000)
+    declare(cfg, "SEMI.MEMORY_CONTRAST.BANK_START_ITER", 0, ITERATION)
+    # D of the head's "features" (v2: 2048, v3+: 256); 0 = implied by the head
+    declare(cfg, "SEMI.MEMORY_CONTRAST.FEATURE_DIM", 0, NON_NEGATIVE)
+    # output of the projection g and prediction q heads (= bank width)
+    declare(cfg, "SEMI.MEMORY_CONTRAST.PROJECTION_DIM", 256, AT_LEAST_1)
+    declare(cfg, "SEMI.MEMORY_CONTRAST.HIDDEN_DIM", 256, AT_LEAST_1)  # hidden width of g and q (Linear-BN-ReLU-Linear)
+    # hidden width of the class attention selectors S_c
+    declare(cfg, "SEMI.MEMORY_CONTRAST.SELECTOR_HIDDEN_DIM", 256, AT_LEAST_1)
+    declare(cfg, "SEMI.MEMORY_CONTRAST.BANK_SIZE", 256, AT_LEAST_1)  # psi: entries per class (FIFO)
+    # phi of the feature quality filter (teacher right and > phi)
+    declare(cfg, "SEMI.MEMORY_CONTRAST.CONFIDENCE_THRESHOLD", 0.95, UNIT)
+    # K entries per image and class; 0 = max(1, round(BANK_SIZE / |X_l|))
+    declare(cfg, "SEMI.MEMORY_CONTRAST.PER_CLASS_PER_IMAGE", 0, NON_NEGATIVE)
+    # |X_l| for K; 0 = SemiSegTrainer counts the images of BANK_DATASETS (or TRAIN_LABELED) before building the model
+    declare(cfg, "SEMI.MEMORY_CONTRAST.NUM_LABELED", 0, NON_NEGATIVE)
+    # DATASETS.TRAIN_LABELED entries whose images fill the bank (SSDA: the Cityscapes subset, not GTA5); empty = all
+    cfg.SEMI.MEMORY_CONTRAST.BANK_DATASETS = []
+
+
 @SEMI_LOSS_REGISTRY.register_term
 class MemoryContrastTerm(SemiLossTerm):
     """``memory_contrast``: Alonso et al.'s class-wise memory-bank contrastive loss (see module docstring).
@@ -145,11 +169,8 @@ class MemoryContrastTerm(SemiLossTerm):
         selector_hidden_dim: int = 256,
         bank_size: int = 256,
         confidence_threshold: float = 0.95,
-        per_class_per_image: int = 1,
+        per_class_per_image: Optional[int] = 1,
         bank_datasets: Sequence[str] = (),
-        ema_base: float = 0.995,
-        ema_schedule: str = "cosine",
-        burn_in_iters: int = 0,
         feature_dim_source: str = "SEMI.MEMORY_CONTRAST.FEATURE_DIM",
         norm: str = "BN",
     ):
@@ -158,7 +179,7 @@ class MemoryContrastTerm(SemiLossTerm):
             raise ValueError(f"SEMI.MEMORY_CONTRAST.BANK_SIZE must be > 0 (entries per class), got {bank_size}")
         if feature_dim <= 0:
             raise ValueError(f"{feature_dim_source}: feature dimension must be > 0, got {feature_dim}")
-        if per_class_per_image <= 0:
+        if per_class_per_image is not None and per_class_per_image <= 0:
             raise ValueError(f"SEMI.MEMORY_CONTRAST.PER_CLASS_PER_IMAGE must be > 0, got {per_class_per_image}")
         self.num_classes = int(num_classes)
         self.feature_dim = int(feature_dim)
@@ -167,11 +188,9 @@ class MemoryContrastTerm(SemiLossTerm):
         self.start_iter = start_iter
         self.bank_start_iter = bank_start_iter
         self.confidence_threshold = confidence_threshold
-        self.per_class_per_image = int(per_class_per_image)
+        # K bank entries per image and class; None: not known yet (no |X_l|), only filling the bank needs it
+        self.per_class_per_image = None if per_class_per_image is None else int(per_class_per_image)
         self.bank_datasets = tuple(bank_datasets)
-        self.ema_base = ema_base
-        self.ema_schedule = ema_schedule
-        self.burn_in_iters = burn_in_iters
         # norms follow MODEL.SEM_SEG_HEAD.NORM: SyncBN under DDP syncs these statistics too
         self.projection = ProjectionHead(feature_dim, hidden_dim, projection_dim, norm)  # g_theta
         self.prediction = ProjectionHead(projection_dim, hidden_dim, projection_dim, norm)  # q_theta
@@ -182,41 +201,46 @@ class MemoryContrastTerm(SemiLossTerm):
         self.memory_selector = ClassAttentionSelectors(  # S_c on Z'
             num_classes, projection_dim, selector_hidden_dim, sync_norm=sync
         )
-        # Teacher side (g_xi, S_xi): EMA copies, never trained, eval-mode BN like the teacher network.
+        # Teacher side (g_xi, S_xi): EMA copies (EMAHook, ema_pairs), never trained, eval-mode BN like the teacher.
         self.teacher_projection = copy.deepcopy(self.projection).requires_grad_(False).eval()
         self.teacher_memory_selector = copy.deepcopy(self.memory_selector).requires_grad_(False).eval()
         self.bank = ClassMemoryBank(num_classes, bank_size, {"feat": projection_dim})
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, spec):
         c = cfg.SEMI.MEMORY_CONTRAST
-        implied = head_feature_dim(cfg)
         feature_dim, source = c.FEATURE_DIM, "SEMI.MEMORY_CONTRAST.FEATURE_DIM"
         if feature_dim <= 0:
-            feature_dim, source = implied, f"the feature dim implied by MODEL.SEM_SEG_HEAD.NAME '{cfg.MODEL.SEM_SEG_HEAD.NAME}'"
-        elif implied > 0 and feature_dim != implied:
+            feature_dim, source = spec.feature_dim, f"the 'features' width of the head '{spec.name}'"
+        elif feature_dim != spec.feature_dim:
             raise ValueError(
-                f"SEMI.MEMORY_CONTRAST.FEATURE_DIM = {feature_dim} but the head MODEL.SEM_SEG_HEAD.NAME "
-                f"'{cfg.MODEL.SEM_SEG_HEAD.NAME}' outputs {implied}-d 'features'"
+                f"SEMI.MEMORY_CONTRAST.FEATURE_DIM = {feature_dim} but the head '{spec.name}' "
+                f"(MODEL.SEM_SEG_HEAD.NAME) outputs {spec.feature_dim}-d 'features'"
             )
         if c.BANK_SIZE <= 0:
             raise ValueError(f"SEMI.MEMORY_CONTRAST.BANK_SIZE must be > 0 (entries per class), got {c.BANK_SIZE}")
-        labeled = list(cfg.DATASETS.TRAIN_LABELED) or list(cfg.DATASETS.TRAIN)
-        unknown = [n for n in c.BANK_DATASETS if n not in labeled]
-        if unknown:
-            raise ValueError(f"SEMI.MEMORY_CONTRAST.BANK_DATASETS {unknown} are not in DATASETS.TRAIN_LABELED {labeled}")
+        _bank_datasets(cfg)
         k = c.PER_CLASS_PER_IMAGE
         if k <= 0:  # paper: max(1, psi / |X_l|) vectors per image and class (rounded, as the reference)
-            n_l = c.NUM_LABELED if c.NUM_LABELED > 0 else _count_labeled(list(c.BANK_DATASETS) or labeled)
-            k = max(1, int(round(c.BANK_SIZE / max(n_l, 1))))
+            k = max(1, int(round(c.BANK_SIZE / c.NUM_LABELED))) if c.NUM_LABELED > 0 else None
         return dict(
-            cls.shared_kwargs(cfg, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, feature_dim, source, k),
+            cls.shared_kwargs(cfg, spec.num_classes, feature_dim, source, k),
             bank_datasets=list(c.BANK_DATASETS),
         )
 
+    @classmethod
+    def config_from_datasets(cls, cfg) -> Dict[str, int]:
+        """NUM_LABELED = the images of BANK_DATASETS (or of every labeled training set) when neither it nor
+        PER_CLASS_PER_IMAGE is set: |X_l| of K = max(1, BANK_SIZE / |X_l|)."""
+        c = cfg.SEMI.MEMORY_CONTRAST
+        if c.PER_CLASS_PER_IMAGE > 0 or c.NUM_LABELED > 0:
+            return {}
+        return {"SEMI.MEMORY_CONTRAST.NUM_LABELED": _count_labeled(_bank_datasets(cfg))}
+
     @staticmethod
-    def shared_kwargs(cfg, num_classes: int, feature_dim: int, feature_dim_source: str, per_class_per_image: int):
-        """The ``SEMI.MEMORY_CONTRAST`` / EMA arguments every task's memory-contrast term takes (the RoI variant
+    def shared_kwargs(cfg, num_classes: int, feature_dim: int, feature_dim_source: str,
+                      per_class_per_image: Optional[int]):
+        """The ``SEMI.MEMORY_CONTRAST`` arguments every task's memory-contrast term takes (the RoI variant
         of projects/SemiInstance too); the task supplies its class count, feature size and bank quota."""
         c = cfg.SEMI.MEMORY_CONTRAST
         return dict(
@@ -232,11 +256,16 @@ class MemoryContrastTerm(SemiLossTerm):
             bank_size=c.BANK_SIZE,
             confidence_threshold=c.CONFIDENCE_THRESHOLD,
             per_class_per_image=per_class_per_image,
-            ema_base=cfg.SEMI.EMA.MOMENTUM,
-            ema_schedule=cfg.SEMI.EMA.SCHEDULE,
-            burn_in_iters=cfg.SEMI.BURN_IN_ITERS,
             norm=cfg.MODEL.SEM_SEG_HEAD.NORM,
         )
+
+    def ema_pairs(self) -> List[EMAPair]:
+        """g_xi <- g_theta and S'_xi <- S'_theta with the teacher's momentum; their buffers (BN statistics) are
+        copied from the student heads, whatever SEMI.EMA.AVERAGE_BUFFERS says for the teacher network."""
+        return [
+            EMAPair(self.teacher_projection, self.projection, average_buffers=False),
+            EMAPair(self.teacher_memory_selector, self.memory_selector, average_buffers=False),
+        ]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -305,6 +334,12 @@ class MemoryContrastTerm(SemiLossTerm):
     def candidates(self, step) -> Tuple[torch.Tensor, torch.Tensor]:
         """Bank candidates of this rank: teacher projections of filtered labeled pixels, top-K per image and class
         by the teacher's memory selector. Returns (values [K, projection_dim], labels long[K])."""
+        if self.per_class_per_image is None:
+            raise ValueError(
+                "memory_contrast: K = max(1, BANK_SIZE / |X_l|) bank entries per image and class needs |X_l|: set "
+                "SEMI.MEMORY_CONTRAST.NUM_LABELED or PER_CLASS_PER_IMAGE (SemiSegTrainer counts the images of "
+                "BANK_DATASETS / DATASETS.TRAIN_LABELED when both are 0)"
+            )
         t = getattr(step, "teacher_labeled", None)
         if not t:
             raise RuntimeError(
@@ -335,7 +370,3 @@ class MemoryContrastTerm(SemiLossTerm):
             values, labels = self.candidates(step)
             values, labels = gather_for_enqueue({"feat": values}, labels)  # same bank on every rank
             self.bank.enqueue(values, labels)
-        t, T = _momentum_iteration(step.iteration, self.burn_in_iters, step.max_iter)
-        m = ema_momentum(self.ema_schedule, self.ema_base, t, T)
-        ema_update_(self.teacher_projection, self.projection, m)
-        ema_update_(self.teacher_memory_selector, self.memory_selector, m)

@@ -5,8 +5,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
+from ..config import NON_NEGATIVE, UNIT, PERCENT, ITERATION, declare
 from ..layers.label_ops import entropy_keep_mask, threshold_keep_mask
 from ..utils.dtype import upcast
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
@@ -57,6 +59,27 @@ def pseudo_label_cross_entropy(
     return (ce * w).sum() / denom.clamp_min(1).float()
 
 
+def add_pseudo_label_config(cfg) -> None:
+    """Declare ``SEMI.PSEUDO_LABEL.*``, the keys of the ``pseudo_label`` term (``add_semiseg_config`` calls this)."""
+    # pseudo_label term: CE of the student on strong (mixed) views against the teacher's pseudo-labels
+    cfg.SEMI.PSEUDO_LABEL = CN()
+    declare(cfg, "SEMI.PSEUDO_LABEL.WEIGHT", 1.0, NON_NEGATIVE)
+    # "none", "threshold" (keep confidence >= THRESHOLD, FixMatch/UniMatch) or
+    # "entropy" (drop the DROP_PERCENT * (1 - t) % highest-entropy pixels, U2PL/DGCL; t = progress of the
+    # semi-supervised phase, 0 at the end of BURN_IN_ITERS)
+    cfg.SEMI.PSEUDO_LABEL.FILTER = "threshold"
+    declare(cfg, "SEMI.PSEUDO_LABEL.THRESHOLD", 0.95, UNIT)
+    declare(cfg, "SEMI.PSEUDO_LABEL.DROP_PERCENT", 20.0, PERCENT)
+    # s > 0: weight each pixel by p^s (Alonso et al., s = 6)
+    declare(cfg, "SEMI.PSEUDO_LABEL.CONF_POWER", 0.0, NON_NEGATIVE)
+    # Loss normalisation: "all" divides by every valid unlabeled pixel (UniMatch), "kept" by kept ones,
+    # "u2pl" = mean over kept x (B*H*W / kept), what U2PL/DGCL's code computes (docs/methods/dgcl.md).
+    cfg.SEMI.PSEUDO_LABEL.NORMALIZE = "all"
+    cfg.SEMI.PSEUDO_LABEL.RAMPUP = "none"  # "none", "sigmoid" (exp(-5(1-t)^2)) or "linear"
+    declare(cfg, "SEMI.PSEUDO_LABEL.RAMPUP_ITERS", 0, ITERATION)  # ramp length after burn-in
+    declare(cfg, "SEMI.PSEUDO_LABEL.START_ITER", 0, ITERATION)  # term is zero before this iteration (Alonso: 2000)
+
+
 @SEMI_LOSS_REGISTRY.register_term
 class PseudoLabelTerm(SemiLossTerm):
     """``pseudo_label``: the Mean-Teacher / FixMatch consistency term on strong (mixed) views."""
@@ -76,7 +99,6 @@ class PseudoLabelTerm(SemiLossTerm):
         rampup: str,
         rampup_iters: int,
         start_iter: int,
-        burn_in_iters: int,
     ):
         super().__init__()
         if filter not in ("none", "threshold", "entropy"):
@@ -91,10 +113,9 @@ class PseudoLabelTerm(SemiLossTerm):
         self.rampup = rampup
         self.rampup_iters = rampup_iters
         self.start_iter = start_iter
-        self.burn_in_iters = burn_in_iters
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, spec):
         c = cfg.SEMI.PSEUDO_LABEL
         return dict(
             weight=c.WEIGHT,
@@ -106,7 +127,6 @@ class PseudoLabelTerm(SemiLossTerm):
             rampup=c.RAMPUP,
             rampup_iters=c.RAMPUP_ITERS,
             start_iter=c.START_ITER,
-            burn_in_iters=cfg.SEMI.BURN_IN_ITERS,
         )
 
     def keep_mask(self, teacher: dict, valid: torch.Tensor, progress: float) -> torch.Tensor:
@@ -129,7 +149,7 @@ class PseudoLabelTerm(SemiLossTerm):
             step.student_strong["logits"], t["pseudo_label"], keep, valid, pixel_weight, self.normalize
         )
         scale = self.weight * rampup_factor(
-            self.rampup, step.iteration, max(self.start_iter, self.burn_in_iters), self.rampup_iters
+            self.rampup, step.iteration, max(self.start_iter, step.burn_in_iters), self.rampup_iters
         )
         if step.iteration < self.start_iter:
             scale = 0.0  # kept in the graph so every rank uses the same parameters

@@ -1,5 +1,5 @@
 """SEMI_LOSS_REGISTRY: the loss terms a semi-supervised run is composed of (``SEMI.LOSSES``)."""
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.utils.registry import Registry
@@ -20,9 +20,11 @@ class LossTermRegistry(Registry):
 SEMI_LOSS_REGISTRY = LossTermRegistry("SEMI_LOSS")
 SEMI_LOSS_REGISTRY.__doc__ = """
 Loss terms of the semi-supervised engine, keyed by their ``SEMI.LOSSES`` name. Each is an ``nn.Module``
-built with ``Term(cfg)`` (``@configurable``) whose ``forward(step: SemiStep) -> dict[str, Tensor]``
-returns named, already-weighted scalar losses. Register with ``@SEMI_LOSS_REGISTRY.register_term``.
-See :class:`SemiLossTerm`.
+built with ``Term(cfg, spec)`` (``@configurable``, ``from_config(cls, cfg, spec)``: ``spec`` describes the student
+outputs the term reads, :class:`~semiseg_d2.modeling.heads.spec.HeadSpec` for ``"sem_seg"``, as detectron2 builds a
+head from ``from_config(cfg, input_shape)``) whose ``forward(step: SemiStep) -> dict[str, Tensor]`` returns named,
+already-weighted scalar losses. Its keys ``SEMI.<TERM>.*`` are declared beside it (``add_<term>_config(cfg)``, called
+by ``add_semiseg_config``). Register with ``@SEMI_LOSS_REGISTRY.register_term``. See :class:`SemiLossTerm`.
 """
 
 
@@ -67,6 +69,18 @@ class SemiLossTerm(nn.Module):
         """Parameters this term optimises itself (e.g. a flow): kept out of the model's optimizer."""
         return []
 
+    def ema_pairs(self) -> List["EMAPair"]:  # noqa: F821  (layers.ema.EMAPair)
+        """Modules this term averages (:class:`~semiseg_d2.layers.ema.EMAPair`: its EMA copy and the trained
+        module): the engine's EMAHook updates them with the teacher's momentum, after :meth:`update`. Default: none."""
+        return []
+
+    @classmethod
+    def config_from_datasets(cls, cfg) -> Dict[str, Any]:
+        """Config values this term derives from the registered training sets (dotted key -> value), filled in by
+        the trainer before it builds the model (:func:`config_with_dataset_values`), so that building a term reads
+        no dataset. Default: none."""
+        return {}
+
 
 def known_loss_terms(task: Optional[str] = None) -> List[str]:
     """Registered term names (of one ``task`` when given)."""
@@ -80,9 +94,28 @@ def terms_declare(cfg, attribute: str) -> bool:
     return any(getattr(SEMI_LOSS_REGISTRY.get(n), attribute, False) for n in cfg.SEMI.LOSSES if n in SEMI_LOSS_REGISTRY)
 
 
-def build_loss_terms(cfg, task: str = "sem_seg") -> nn.ModuleDict:
-    """Build ``SEMI.LOSSES`` in order. Unknown or repeated names, and terms of another task (a term reads one
-    task's step record), raise an error listing the known terms of ``task``."""
+def config_with_dataset_values(cfg):
+    """``cfg``, or a copy of it with the values the ``SEMI.LOSSES`` terms derive from the training sets
+    (:meth:`SemiLossTerm.config_from_datasets`) filled in: what the trainer builds its model from."""
+    values = {}
+    for name in cfg.SEMI.LOSSES:
+        if name in SEMI_LOSS_REGISTRY:
+            values.update(SEMI_LOSS_REGISTRY.get(name).config_from_datasets(cfg))
+    if not values:
+        return cfg
+    out = cfg.clone()
+    out.defrost()
+    out.merge_from_list([x for key, value in values.items() for x in (key, value)])
+    if cfg.is_frozen():
+        out.freeze()
+    return out
+
+
+def build_loss_terms(cfg, spec, task: str = "sem_seg") -> nn.ModuleDict:
+    """Build ``SEMI.LOSSES`` in order, each as ``Term(cfg, spec)``; ``spec`` describes the student outputs the terms
+    read (for ``"sem_seg"`` the :class:`~semiseg_d2.modeling.heads.spec.HeadSpec` of the built student's head).
+    Unknown or repeated names, and terms of another task (a term reads one task's step record), raise an error
+    listing the known terms of ``task``."""
     names = list(cfg.SEMI.LOSSES)
     if not names:
         example = ["supervised", "pseudo_label"] if task == "sem_seg" else known_loss_terms(task)[:2]
@@ -100,5 +133,5 @@ def build_loss_terms(cfg, task: str = "sem_seg") -> nn.ModuleDict:
                 f"SEMI.LOSSES: term '{name}' is a '{term_task}' term but this model trains '{task}'; "
                 f"known '{task}' terms: {', '.join(known_loss_terms(task))}"
             )
-        terms[name] = cls(cfg)
+        terms[name] = cls(cfg, spec)
     return terms

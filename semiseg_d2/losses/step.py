@@ -33,8 +33,6 @@ class SemiStep(StepRecord):
     CutMix boxes (same partners ``mix_partner``); empty/None otherwise. ``student_weak_fp`` (a term sets
     ``feature_dropout``, UniMatch ``fp``): the student head's outputs on Dropout2d-perturbed backbone features
     of the weak views (decoded in one batch with the clean pass that holds the weak views).
-    ``student_decode(decoder_input, norms=None) -> (features, logits)`` re-runs the student's v3+ decoder
-    (None for heads without ``decode``), e.g. on DDFP's perturbed decoder inputs.
     ``weak_images [Bu,3,H,W]`` (unmixed) and ``strong_images`` (mixed: what the student sees) are the
     normalised unlabeled views. ``keep_masks``: term name -> ``bool [Bu,H,W]``, the pixels of the
     ``teacher_strong`` maps that the term trains on, recorded by the term itself (one source of truth for
@@ -47,7 +45,6 @@ class SemiStep(StepRecord):
     labeled_targets: torch.Tensor
     student_labeled: Dict[str, torch.Tensor]
     supervised_losses: Callable = None  # the student's Segmentor.losses(outputs, targets) -> dict
-    student_decode: Callable = None  # the student head's decode(decoder_input, norms=None) (v3+ only; DDFP)
     unlabeled_valid: Optional[torch.Tensor] = None
     teacher_weak: Dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_strong: Dict[str, torch.Tensor] = field(default_factory=dict)

@@ -3,9 +3,18 @@
 The losses themselves are computed by ``Segmentor.losses`` (one place for the supervised model and the
 semi-supervised engine); ``SemiStep.supervised_losses`` is the student's bound method.
 """
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
+from ..config import NON_NEGATIVE, declare
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
+
+
+def add_supervised_config(cfg) -> None:
+    """Declare ``SEMI.SUPERVISED.*``, the keys of the ``supervised`` term (``add_semiseg_config`` calls this)."""
+    # supervised term: CE/OHEM on labeled pixels (+ aux head), as in MODEL.SEM_SEG_HEAD.LOSS_*
+    cfg.SEMI.SUPERVISED = CN()
+    declare(cfg, "SEMI.SUPERVISED.WEIGHT", 1.0, NON_NEGATIVE)
 
 
 @SEMI_LOSS_REGISTRY.register_term
@@ -21,7 +30,7 @@ class SupervisedTerm(SemiLossTerm):
         self.weight = weight
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, spec):
         return {"weight": cfg.SEMI.SUPERVISED.WEIGHT}
 
     def forward(self, step):

@@ -8,8 +8,10 @@ the official normalisation: the cross-entropy summed over the pixels whose teach
 ``>= THRESHOLD`` divided by the number of non-ignored pixels of that stream (after mixing), not by the kept ones.
 """
 import torch
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
+from ..config import NON_NEGATIVE, UNIT, UNIT_OPEN, declare
 from ..layers.label_ops import threshold_keep_mask
 from .pseudo_label import pseudo_label_cross_entropy
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
@@ -22,6 +24,24 @@ def unimatch_stream_loss(logits: torch.Tensor, teacher: dict, threshold: float):
     keep = threshold_keep_mask(teacher["confidence"], teacher["valid"], threshold)
     loss = pseudo_label_cross_entropy(logits, teacher["pseudo_label"], keep, teacher["valid"], normalize="all")
     return loss, keep
+
+
+def add_unimatch_config(cfg) -> None:
+    """Declare ``SEMI.UNIMATCH.*``, the keys of the ``unimatch`` term (``add_semiseg_config`` calls this)."""
+    # unimatch term (losses/unimatch.py, docs/methods/unimatch.md): Yang et al. CVPR 2023 (V1). The official total
+    # (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 = SEMI.SUPERVISED.WEIGHT 0.5 (the configs) + LOSS_SCALE * (...).
+    # Each part: CE summed over pixels with teacher confidence >= THRESHOLD / the stream's non-ignored pixels.
+    # Asks the engine for the second strong stream and (FP_DROPOUT > 0) the feature-perturbation stream.
+    cfg.SEMI.UNIMATCH = CN()
+    # conf_thresh (official: VOC 0.95; Cityscapes 0 in the current code)
+    declare(cfg, "SEMI.UNIMATCH.THRESHOLD", 0.95, UNIT)
+    declare(cfg, "SEMI.UNIMATCH.WEIGHT_S1", 0.25, NON_NEGATIVE)  # first strong stream (image_strong, boxes mix_mask)
+    declare(cfg, "SEMI.UNIMATCH.WEIGHT_S2", 0.25, NON_NEGATIVE)  # second strong stream (image_strong2, boxes mix_mask2)
+    # feature-perturbed weak view (must be 0 when FP_DROPOUT is 0)
+    declare(cfg, "SEMI.UNIMATCH.WEIGHT_FP", 0.5, NON_NEGATIVE)
+    declare(cfg, "SEMI.UNIMATCH.LOSS_SCALE", 0.5, NON_NEGATIVE)  # the official "/ 2", on the three parts above
+    # Dropout2d p on the weak view's backbone features (0 = no fp stream)
+    declare(cfg, "SEMI.UNIMATCH.FP_DROPOUT", 0.5, UNIT_OPEN)
 
 
 @SEMI_LOSS_REGISTRY.register_term
@@ -57,7 +77,7 @@ class UniMatchTerm(SemiLossTerm):
         self.feature_dropout = fp_dropout  # read by the engine: the fp stream runs when > 0
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, spec):
         c = cfg.SEMI.UNIMATCH
         return dict(
             threshold=c.THRESHOLD,

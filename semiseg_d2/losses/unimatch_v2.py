@@ -8,12 +8,29 @@ Official total loss (LiheYoung/UniMatch-V2 ``unimatch_v2.py``): ``(L_x + (L_s1 +
 is applied by the engine to the student's backbone features of the two strong streams
 (``Segmentor.extract(channel_scale=...)``).
 """
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
+from ..config import NON_NEGATIVE, UNIT, declare
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 from .unimatch import unimatch_stream_loss
 
 __all__ = ["UniMatchV2Term"]
+
+
+def add_unimatch_v2_config(cfg) -> None:
+    """Declare ``SEMI.UNIMATCH_V2.*``, the keys of the ``unimatch_v2`` term (``add_semiseg_config`` calls this)."""
+    # unimatch_v2 term (losses/unimatch_v2.py, docs/methods/unimatch_v2.md): UniMatch V2's two strong streams with
+    # complementary channel dropout on the student's encoder features; L = (L_x + (L_s1 + L_s2) / 2) / 2 with
+    # SEMI.SUPERVISED.WEIGHT 0.5 and an EMA teacher (SEMI.EMA: "warm_start", 0.996)
+    cfg.SEMI.UNIMATCH_V2 = CN()
+    declare(cfg, "SEMI.UNIMATCH_V2.THRESHOLD", 0.95, UNIT)  # conf_thresh (official: every dataset)
+    declare(cfg, "SEMI.UNIMATCH_V2.WEIGHT_S1", 0.5, NON_NEGATIVE)  # the "(L_s1 + L_s2) / 2" ...
+    declare(cfg, "SEMI.UNIMATCH_V2.WEIGHT_S2", 0.5, NON_NEGATIVE)
+    declare(cfg, "SEMI.UNIMATCH_V2.LOSS_SCALE", 0.5, NON_NEGATIVE)  # ... and the outer "/ 2" of the official loss
+    cfg.SEMI.UNIMATCH_V2.COMPLEMENTARY_DROPOUT = True  # masks m and 2 - m on the two streams' encoder channels
+    # share of image pairs left unperturbed (official 1 - 0.5)
+    declare(cfg, "SEMI.UNIMATCH_V2.UNPERTURBED_FRACTION", 0.5, UNIT)
 
 
 @SEMI_LOSS_REGISTRY.register_term
@@ -37,7 +54,7 @@ class UniMatchV2Term(SemiLossTerm):
         self.complementary_dropout = unperturbed_fraction if complementary_dropout else None
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, spec):
         c = cfg.SEMI.UNIMATCH_V2
         return dict(
             threshold=c.THRESHOLD,

@@ -58,7 +58,7 @@ class RCNNPseudoLabelTerm(SemiLossTerm):
         self.kept = UNSUP_CLASSIFICATION + (UNSUP_BOX if box_regression else ()) + (UNSUP_MASK if mask else ())
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, spec):
         s = cfg.SEMI_INSTANCE
         return dict(weight=s.UNSUP_WEIGHT, box_regression=s.UNSUP_BOX_REGRESSION, mask=s.UNSUP_MASK)
 
@@ -96,18 +96,17 @@ class RoIMemoryContrastTerm(MemoryContrastTerm):
         self.bank_from_pseudo = bank_from_pseudo
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, spec):
         c = cfg.SEMI.MEMORY_CONTRAST
-        fc_dim = cfg.MODEL.ROI_BOX_HEAD.FC_DIM if cfg.MODEL.ROI_BOX_HEAD.NUM_FC > 0 else 0
         feature_dim, source = c.FEATURE_DIM, "SEMI.MEMORY_CONTRAST.FEATURE_DIM"
         if feature_dim <= 0:
-            feature_dim, source = fc_dim, "MODEL.ROI_BOX_HEAD.FC_DIM (the box head's output)"
+            feature_dim, source = spec.feature_dim, f"the output width of the box head '{spec.name}'"
         k = c.PER_CLASS_PER_IMAGE
         if k <= 0:
             raise ValueError("SEMI.MEMORY_CONTRAST.PER_CLASS_PER_IMAGE must be > 0 for roi_memory_contrast "
                              "(boxes per image and class entering the bank)")
         return dict(
-            cls.shared_kwargs(cfg, cfg.MODEL.ROI_HEADS.NUM_CLASSES, feature_dim, source, k),
+            cls.shared_kwargs(cfg, spec.num_classes, feature_dim, source, k),
             bank_from_pseudo=cfg.SEMI_INSTANCE.BANK_FROM_PSEUDO,
             # rows are boxes, not pixels: batch norm over them (MODEL.SEM_SEG_HEAD.NORM is detectron2's "GN" in an
             # R-CNN config, and GroupNorm of 32 groups fails on one box), synced when the backbone is

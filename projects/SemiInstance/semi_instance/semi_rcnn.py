@@ -28,6 +28,7 @@ from torch import nn
 
 from semiseg_d2.losses.registry import build_loss_terms
 from semiseg_d2.losses.step_record import StepRecord
+from semiseg_d2.modeling.heads.spec import HeadSpec
 from semiseg_d2.modeling.meta_arch.teacher_student import TeacherStudent
 
 __all__ = ["RCNNPass", "InstanceStep", "pseudo_instances_from_predictions", "roi_box_features", "SemiRCNN"]
@@ -148,9 +149,13 @@ class SemiRCNN(TeacherStudent):
             raise ValueError(f"SEMI_INSTANCE.STUDENT_ARCHITECTURE: '{name}' is not a registered R-CNN meta-architecture")
         if cfg.SEMI.VIS_PERIOD > 0:
             raise ValueError("SEMI.VIS_PERIOD: SemiRCNN puts no training pictures (SemiSegmentor does); set it to 0")
+        student = META_ARCH_REGISTRY.get(name)(cfg)
+        box_head = student.roi_heads.box_head
+        # the instance terms read RoI box-head features: their spec is the built box head's
+        spec = HeadSpec(type(box_head).__name__, cfg.MODEL.ROI_HEADS.NUM_CLASSES, box_head.output_shape.channels)
         return dict(
-            student=META_ARCH_REGISTRY.get(name)(cfg),
-            terms=build_loss_terms(cfg, task="instance"),
+            student=student,
+            terms=build_loss_terms(cfg, spec, task="instance"),
             max_iter=cfg.SOLVER.MAX_ITER,
             burn_in_iters=cfg.SEMI.BURN_IN_ITERS,
             num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,

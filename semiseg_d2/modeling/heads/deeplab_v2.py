@@ -9,6 +9,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from .aux_fcn import AuxFCNHead, build_aux_head
+from .spec import HeadSpec
 
 __all__ = ["DeepLabV2Head"]
 
@@ -65,6 +66,10 @@ class DeepLabV2Head(nn.Module):
             "aux_head": build_aux_head(cfg, input_shape),
             "aux_in_feature": head.AUX_IN_FEATURE,
         }
+
+    def spec(self) -> HeadSpec:
+        """What the loss terms read from this head: no re-runnable decoder, the input feature as "features"."""
+        return HeadSpec(type(self).__name__, self.num_classes, self.feature_dim)
 
     def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         x = features[self.in_feature]

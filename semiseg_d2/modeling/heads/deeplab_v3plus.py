@@ -11,6 +11,7 @@ from detectron2.layers import ASPP, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from .aux_fcn import AuxFCNHead, build_aux_head
+from .spec import HeadSpec
 
 __all__ = ["DeepLabV3PlusFeatHead", "check_in_features", "v3plus_kwargs_from_config"]
 
@@ -68,7 +69,6 @@ class DeepLabV3PlusFeatHead(nn.Module):
     (DDFP's perturbed-feature BN).
     """
 
-    num_decoder_norms = 2  # norms decode() takes (DDFP's perturbed BN set has as many)
 
     @configurable
     def __init__(
@@ -132,6 +132,11 @@ class DeepLabV3PlusFeatHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         return v3plus_kwargs_from_config(cfg, input_shape, cls.__name__)
+
+    def spec(self) -> HeadSpec:
+        """What the loss terms read from this head: its widths and its ``decode``."""
+        return HeadSpec(type(self).__name__, self.num_classes, self.feature_dim, self.decoder_input_dim, self.decode,
+                        len(self.decoder_norms))
 
     def decode(self, decoder_input: torch.Tensor, norms: Optional[Sequence[nn.Module]] = None):
         """``decoder_input: [B, decoder_input_dim, h, w]`` -> ``(features [B, D, h, w], logits [B, C, h, w])``.

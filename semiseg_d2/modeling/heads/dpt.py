@@ -16,6 +16,8 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
+from .spec import HeadSpec
+
 __all__ = ["DPTHead", "ResidualConvUnit", "FusionBlock"]
 
 
@@ -76,12 +78,11 @@ class DPTHead(nn.Module):
       "decoder_input": [B, features, 8h, 8w]      the fused map that enters that 3x3 conv (DDFP perturbs it)
     ``decode(decoder_input, norms=None) -> (features, logits)`` runs the 3x3 conv (+ norm) + ReLU and the
     classifier, like ``DeepLabV3PlusFeatHead.decode``; ``decoder_norms`` has one entry (Identity without a norm).
-    ``num_decoder_norms`` (class attribute) tells a loss term how many norms ``decode`` takes.
+    :meth:`spec` tells a loss term its widths, ``decode`` and how many norms ``decode`` takes.
     ``norm=""`` is UniMatch V2's ``use_bn=False``; "BN"/"SyncBN" add a norm after every 3x3 conv of the units
     and after the decoder conv.
     """
 
-    num_decoder_norms = 1
 
     @configurable
     def __init__(
@@ -138,6 +139,11 @@ class DPTHead(nn.Module):
             "out_channels": head.PROJECT_CHANNELS,
             "norm": head.NORM,
         }
+
+    def spec(self) -> HeadSpec:
+        """What the loss terms read from this head: its widths and its ``decode``."""
+        return HeadSpec(type(self).__name__, self.num_classes, self.feature_dim, self.decoder_input_dim, self.decode,
+                        len(self.decoder_norms))
 
     def decode(self, decoder_input: torch.Tensor, norms: Optional[Sequence[nn.Module]] = None):
         """``decoder_input: [B, features, h, w]`` -> ``(features [B, features, h, w], logits [B, C, h, w])``."""

@@ -18,6 +18,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from .aux_fcn import AuxFCNHead
 from .deeplab_v3plus import check_in_features, v3plus_kwargs_from_config
+from .spec import HeadSpec
 
 __all__ = ["U2PLASPP", "U2PLDeepLabV3PlusHead"]
 
@@ -68,7 +69,6 @@ class U2PLDeepLabV3PlusHead(nn.Module):
     official initialisation is PyTorch's default (no init code in the decoder), kept here.
     """
 
-    num_decoder_norms = 2  # norms decode() takes (DDFP's perturbed BN set has as many)
 
     @configurable
     def __init__(
@@ -116,6 +116,11 @@ class U2PLDeepLabV3PlusHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         return v3plus_kwargs_from_config(cfg, input_shape, cls.__name__)
+
+    def spec(self) -> HeadSpec:
+        """What the loss terms read from this head: its widths and its ``decode``."""
+        return HeadSpec(type(self).__name__, self.num_classes, self.feature_dim, self.decoder_input_dim, self.decode,
+                        len(self.decoder_norms))
 
     def decode(self, decoder_input: torch.Tensor, norms: Optional[Sequence[nn.Module]] = None):
         """``decoder_input: [B, decoder_input_dim, h, w]`` -> ``(features [B, D, h, w], logits [B, C, h, w])``;

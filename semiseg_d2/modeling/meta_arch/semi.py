@@ -167,9 +167,12 @@ class SemiSegmentor(TeacherStudent):
         check_semiseg_config(cfg)
         check_teacher_mode(cfg)
         m = cfg.SEMI.MIX
+        student = Segmentor(cfg)
         return dict(
-            student=Segmentor(cfg),
-            terms=build_loss_terms(cfg),
+            student=student,
+            # built from the spec of the built student's head (widths, decode), as detectron2 builds a head from
+            # the ShapeSpec of its input
+            terms=build_loss_terms(cfg, student.sem_seg_head.spec()),
             max_iter=cfg.SOLVER.MAX_ITER,
             burn_in_iters=cfg.SEMI.BURN_IN_ITERS,
             mix_type=m.TYPE,
@@ -333,7 +336,6 @@ class SemiSegmentor(TeacherStudent):
             labeled_targets=targets,
             supervised_losses=student.losses,
             labeled_datasets=[x.get("dataset_name") for x in labeled],
-            student_decode=getattr(student.sem_seg_head, "decode", None),
         )
         if burn_in:
             return SemiStep(student_labeled=student.extract(images_l), burn_in=True, **common)

@@ -4,17 +4,21 @@ A student network, its EMA teacher (a frozen deep copy in eval mode, updated onl
 ``SEMI.LOSSES`` terms of one task. With ``teacher_mode="student"`` (``SEMI.TEACHER_MODE``, UniMatch) there is no
 teacher copy (``teacher`` is None): the subclass takes its teacher outputs from the student itself, without gradient. Subclasses build the task's step record (a
 :class:`~semiseg_d2.losses.step_record.StepRecord`) in ``forward`` and return :meth:`run_terms`'s losses.
-What the engine relies on (engine/trainer.py, engine/hooks.py):
-  ``student`` / ``teacher`` attributes (EMAHook), ``iteration`` (set before each step), ``loss_owner``
-  (loss name -> term, for the non-finite check), ``pop_metrics()``, ``after_optimizer_step()``,
-  ``params_with_own_optimizer()`` (optimizer), ``eval_network`` (SemiSegTrainer.test evaluates both).
+What the engine relies on (engine/trainer.py, engine/hooks.py): ``ema_pairs()`` (EMAHook: the teacher and the
+modules the terms average), ``loss_owner`` (loss name -> term, for the non-finite check), ``pop_metrics()``,
+``after_optimizer_step()``, ``params_with_own_optimizer()`` (optimizer), ``eval_network`` (SemiSegTrainer.test
+evaluates both). The step's clock is detectron2's event storage (``iteration`` reads ``get_event_storage().iter``,
+which the trainer sets before each step), not a value written into the model.
 ``SemiSegmentor`` (semi.py) implements the same contract for semantic segmentation.
 """
 import copy
 from typing import Dict, List
 
 import torch
+from detectron2.utils.events import get_event_storage
 from torch import nn
+
+from ...layers.ema import EMAPair
 
 EVAL_NETWORKS = ("student", "teacher")
 TEACHER_MODES = ("ema", "student")
@@ -41,7 +45,6 @@ class TeacherStudent(nn.Module):
         # The network inference runs (SEMI.WEIGHTS_FOR_EXPORT): DefaultPredictor on a trainer checkpoint, demos and
         # exports all default to it; SemiSegTrainer.test switches it to evaluate both.
         self.eval_network = eval_network
-        self.iteration = 0  # set by the trainer before each step
         self.loss_owner: Dict[str, str] = {}
         self._last_step = None
 
@@ -59,6 +62,18 @@ class TeacherStudent(nn.Module):
         if self.eval_network == "teacher" and self.teacher is None:
             raise ValueError("eval_network 'teacher': SEMI.TEACHER_MODE 'student' has no teacher network")
         return getattr(self, self.eval_network)
+
+    @property
+    def iteration(self) -> int:
+        """The iteration of the step being computed: detectron2's event storage clock (a training step runs
+        inside the trainer's ``EventStorage``, whose ``iter`` the trainer sets before each step)."""
+        return get_event_storage().iter
+
+    def ema_pairs(self) -> List[EMAPair]:
+        """Every module the EMAHook averages: the teacher network (none with ``SEMI.TEACHER_MODE "student"``) and
+        each term's :meth:`~semiseg_d2.losses.registry.SemiLossTerm.ema_pairs`."""
+        pairs = [EMAPair(self.teacher, self.student)] if self.teacher is not None else []
+        return pairs + [pair for term in self.terms.values() for pair in term.ema_pairs()]
 
     def in_burn_in(self) -> bool:
         """Supervised-only step: before ``burn_in_iters``, or when no term reads unlabeled data."""
@@ -94,3 +109,16 @@ class TeacherStudent(nn.Module):
 
     def params_with_own_optimizer(self) -> List[nn.Parameter]:
         return [p for t in self.terms.values() for p in t.params_with_own_optimizer()]
+
+
+def is_semi_supervised(cfg) -> bool:
+    """Whether ``cfg.MODEL.META_ARCHITECTURE`` names a semi-supervised model: a :class:`TeacherStudent` (student,
+    teacher, loss terms; ``SemiSegmentor``, projects/SemiInstance's ``SemiRCNN``). Unknown names are a KeyError
+    listing the registered ones."""
+    from detectron2.modeling import META_ARCH_REGISTRY  # noqa: PLC0415
+
+    from ..backbone.build import check_registered  # noqa: PLC0415
+
+    name = cfg.MODEL.META_ARCHITECTURE
+    check_registered(META_ARCH_REGISTRY, name, "MODEL.META_ARCHITECTURE")
+    return issubclass(META_ARCH_REGISTRY.get(name), TeacherStudent)
