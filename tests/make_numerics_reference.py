@@ -132,7 +132,7 @@ def run_method(method: str, steps: int = STEPS) -> dict:
         if not semi:
             batches = [labeled for labeled, _ in batches]
         loop = SemiSegTrainLoop(model, batches, optimizer, amp_dtype=None, check_finite=True)
-        if semi and build_ema_hook(cfg) is not None:  # SEMI.TEACHER_MODE "student" has no teacher to update
+        if semi:  # the trainer's EMA hook (with SEMI.TEACHER_MODE "student" it averages only what the terms list)
             loop.register_hooks([build_ema_hook(cfg)])
         captured = []
 

@@ -36,3 +36,26 @@ def test_ratio_is_the_median_of_same_round_ratios():
     other = SimpleNamespace(name="dgcl", prof=_Prof([9.0, 1.5, 15.0, 15.0]))
     text = tool.report([ref, other], warmup=1, n_components=1)
     assert "mt: 1.000 s/iter, x1.00" in text and "dgcl: 15.000 s/iter, x1.50" in text
+
+
+def test_each_config_is_timed_by_its_own_profiler(tmp_path):
+    """Interleaved steps of a supervised and a Mean-Teacher config: each run's profiler holds its own step's scopes
+    only (the teacher and the EMA in the second), every measured round once."""
+    from tests.make_numerics_reference import method_cfg
+
+    files = []
+    for method in ("supervised", "mean_teacher"):
+        path = tmp_path / f"{method}.yaml"
+        path.write_text(method_cfg(method).dump())
+        files.append(str(path))
+    args = tool.parse_args(["--config-files", *files, "--synthetic", "--device", "cpu", "--iters", "2",
+                            "--warmup", "1"])
+    runs = [tool.build(args, f, tool.B.resolve_device("cpu")) for f in files]
+    tool.run(runs, args.warmup + args.iters)
+    supervised, mean_teacher = (set(r.prof.components()) for r in runs)
+    assert {"data", "forward", "forward/student", "forward/loss:supervised", "backward", "optimizer"} <= supervised
+    assert not {c for c in supervised if "teacher" in c or c == "ema"}
+    assert {"forward/teacher", "forward/loss:pseudo_label", "ema"} <= mean_teacher
+    assert all(len(r.prof.iterations) == 3 for r in runs)
+    text = tool.report(runs, args.warmup, n_components=3)
+    assert text.count("s/iter") == 2 and "x1.00 of the first" in text

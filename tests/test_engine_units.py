@@ -181,8 +181,10 @@ def test_schedule_keys_are_the_declared_iteration_counts_and_both_scalings_use_t
     cfg.MODEL.META_ARCHITECTURE = "SemiSegmentor"
     spec = importlib.util.spec_from_file_location("run_study", os.path.join(ROOT, "tools", "run_study.py"))
     run_study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_study)
-    pairs = run_study.schedule_overrides(cfg, 0.5)
+    spec.loader.exec_module(run_study)  # puts tools/ (the study package) on sys.path
+    from study.configs import schedule_overrides
+
+    pairs = schedule_overrides(cfg, 0.5)
     scaled = dict(zip(pairs[::2], pairs[1::2]))
     assert scaled["SEMI.TOY_SCHEDULE.RAMP_LENGTH"] == "20" and scaled["SEMI.BURN_IN_ITERS"] == "50"
     assert "SEMI.TOY_SCHEDULE.QUEUE_ITER" not in scaled and "SEMI.DDFP.START_ITER" not in scaled

@@ -41,7 +41,14 @@ def _load_tool():
     return module
 
 
-rs = _load_tool()
+rs = _load_tool()  # the entry point; it puts tools/ (the study package) on sys.path
+from study.cli import parse_args, parse_only  # noqa: E402
+from study.configs import METHODS as STUDY_METHODS  # noqa: E402
+from study.configs import data_overrides, load_cfg, method_config, run_overrides, schedule_overrides  # noqa: E402
+from study.metrics import collect_runs  # noqa: E402
+from study.report import CURVES_PNG, DIAGNOSTICS_PNG, DOC_BEGIN, DOC_END, EXIT_INCOMPLETE  # noqa: E402
+from study.report import PREDICTIONS_PNG, read_block  # noqa: E402
+from study.runs import is_complete, keep_results  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +77,7 @@ def _prefix(method):
 
 def _table(doc, first_cell):
     """Rows (lists of cells) of the markdown table whose header starts with ``first_cell``."""
-    block = rs.read_block(str(doc)).splitlines()
+    block = read_block(str(doc)).splitlines()
     start = next(i for i, line in enumerate(block) if line.startswith(f"| {first_cell} |"))
     rows = []
     for line in block[start:]:
@@ -110,7 +117,7 @@ def test_table_is_computed_from_the_runs_metric_files(study):
         assert summary["train_command"].startswith(f"python tools/train_net.py --config-file configs/camvid/study_{method}.yaml SEED 0")
 
     header, rows = _table(study["doc"], "method")  # per-class table: next header starting with "method"
-    block = rs.read_block(str(study["doc"])).splitlines()
+    block = read_block(str(study["doc"])).splitlines()
     cls_header = next(line for line in block if line.startswith("| method | sky |"))
     assert cls_header == "| method | " + " | ".join(CAMVID_CLASSES) + " |"
     start = block.index(cls_header)
@@ -125,19 +132,19 @@ def test_table_is_computed_from_the_runs_metric_files(study):
 
 def test_figures_and_commands(study):
     doc_dir = study["doc"].parent
-    for name in (rs.PREDICTIONS_PNG, rs.CURVES_PNG):
+    for name in (PREDICTIONS_PNG, CURVES_PNG):
         with open(doc_dir / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
         with Image.open(doc_dir / name) as im:
             im.verify()
-        assert f"]({name})" in rs.read_block(str(study["doc"]))
-    with Image.open(doc_dir / rs.PREDICTIONS_PNG) as im:
+        assert f"]({name})" in read_block(str(study["doc"]))
+    with Image.open(doc_dir / PREDICTIONS_PNG) as im:
         assert im.width > im.height  # 4 columns (image, ground truth, 2 methods) of 4:3 frames, 4 rows
     for method in METHODS:
         for s in SEEDS:
             preds = os.listdir(study["runs"] / method / f"seed{s}" / "predictions")
             assert len(preds) == 4, (method, s, preds)
-    block = rs.read_block(str(study["doc"]))
+    block = read_block(str(study["doc"]))
     assert block.count("python tools/train_net.py --config-file configs/camvid/study_") == len(METHODS) * len(SEEDS)
 
 
@@ -151,10 +158,10 @@ def test_pack_has_metrics_not_checkpoints_and_report_alone_reproduces_the_table(
     status = rs.main(["--report", "--runs-root", str(tmp_path / "unpacked"), "--methods", *METHODS,
                       "--seeds", *map(str, SEEDS), "--doc", str(doc2)])  # fmt: skip
     assert status == 0
-    tables = [[line for line in rs.read_block(str(d)).splitlines() if line.startswith("|")] for d in (study["doc"], doc2)]
+    tables = [[line for line in read_block(str(d)).splitlines() if line.startswith("|")] for d in (study["doc"], doc2)]
     # results table + per-class table (2 header lines + a row per method each), then the diagnostics tables
     assert tables[0] == tables[1] and len(tables[0]) > 2 + len(METHODS) + 2 + len(METHODS)
-    assert os.path.isfile(doc2.parent / rs.PREDICTIONS_PNG) and os.path.isfile(doc2.parent / rs.CURVES_PNG)
+    assert os.path.isfile(doc2.parent / PREDICTIONS_PNG) and os.path.isfile(doc2.parent / CURVES_PNG)
 
 
 def test_missing_and_corrupt_runs_are_named_not_averaged(study, tmp_path):
@@ -165,9 +172,9 @@ def test_missing_and_corrupt_runs_are_named_not_averaged(study, tmp_path):
     with open(root / "supervised_46" / "seed0" / "metrics.json", "a") as f:
         f.write('{"iteration": 6, "sem_seg/mIoU": 12.5\n')  # a truncated final line
     doc = tmp_path / "camvid.md"
-    doc.write_text("# hand-written intro\n\n" + rs.DOC_BEGIN + "\nold\n" + rs.DOC_END + "\n\n## How to run\nkept\n")
+    doc.write_text("# hand-written intro\n\n" + DOC_BEGIN + "\nold\n" + DOC_END + "\n\n## How to run\nkept\n")
     status = rs.main(["--report", "--runs-root", str(root), "--methods", *METHODS, "--seeds", "0", "1", "--doc", str(doc)])
-    assert status == rs.EXIT_INCOMPLETE
+    assert status == EXIT_INCOMPLETE
     text = doc.read_text()
     assert text.startswith("# hand-written intro") and text.rstrip().endswith("## How to run\nkept") and "\nold\n" not in text
     assert "`mean_teacher/seed1`: no run folder" in text
@@ -196,15 +203,15 @@ def test_finished_runs_are_skipped_and_time_budget_stops_new_ones(study, tmp_pat
         json.dump(summary, f)
     status = rs.main(["--methods", "supervised_46", "--seeds", "0", "1", "--data", "mini", "--output-root", str(root),
                       "--time-budget", "1", "--doc", str(tmp_path / "camvid.md"), *TINY])  # fmt: skip
-    assert status == rs.EXIT_INCOMPLETE
+    assert status == EXIT_INCOMPLETE
     assert "supervised_46/seed1: not started" in capsys.readouterr().out
     assert not (root / "supervised_46" / "seed1").exists()
     assert "`supervised_46/seed1`: no run folder" in (tmp_path / "camvid.md").read_text()
 
 
 def test_schedule_scale_data_and_only_arguments():
-    cfg = rs.load_cfg(rs.method_config("dgcl_ddfp"), [])
-    pairs = rs.schedule_overrides(cfg, 0.5)
+    cfg = load_cfg(method_config("dgcl_ddfp"), [])
+    pairs = schedule_overrides(cfg, 0.5)
     scaled = dict(zip(pairs[::2], pairs[1::2]))
     assert scaled["SOLVER.MAX_ITER"] == str(cfg.SOLVER.MAX_ITER // 2)
     assert scaled["SEMI.BURN_IN_ITERS"] == str(cfg.SEMI.BURN_IN_ITERS // 2)
@@ -212,22 +219,22 @@ def test_schedule_scale_data_and_only_arguments():
     assert scaled["TEST.EVAL_PERIOD"] == str(cfg.TEST.EVAL_PERIOD // 2)
     assert scaled["SEMI.DDFP.FLOW_START_ITER"] == str(cfg.SEMI.DDFP.FLOW_START_ITER // 2)
     assert not [k for k in scaled if "MEMORY_CONTRAST" in k]  # terms the run does not use keep their keys
-    supervised = rs.schedule_overrides(rs.load_cfg(rs.method_config("supervised_46"), []), 2.0)
+    supervised = schedule_overrides(load_cfg(method_config("supervised_46"), []), 2.0)
     assert set(supervised[::2]) == {"SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS", "TEST.EVAL_PERIOD"}
-    assert rs.schedule_overrides(cfg, 1.0) == []
-    mini = rs.load_cfg(rs.method_config("mean_teacher"), rs.data_overrides(cfg, "mini"))
+    assert schedule_overrides(cfg, 1.0) == []
+    mini = load_cfg(method_config("mean_teacher"), data_overrides(cfg, "mini"))
     assert mini.DATASETS.TRAIN_LABELED == ("camvid_mini_train_5_labeled",) and mini.DATASETS.TEST == ("camvid_mini_val",)
-    assert rs.parse_only(["dgcl/1", "ddfp"], ["dgcl", "ddfp"], [0, 1], None) == {("dgcl", 1), ("ddfp", 0), ("ddfp", 1)}
+    assert parse_only(["dgcl/1", "ddfp"], ["dgcl", "ddfp"], [0, 1], None) == {("dgcl", 1), ("ddfp", 0), ("ddfp", 1)}
     with pytest.raises(SystemExit):
-        rs.parse_args(["--only", "dgcl/7"])
+        parse_args(["--only", "dgcl/7"])
     with pytest.raises(SystemExit):
-        rs.parse_args(["--methods", "dgcll"])
+        parse_args(["--methods", "dgcll"])
 
 
 def test_study_configs_share_one_protocol():
     """Same backbone, crop, schedule, batch and evaluation for every method; the composition reuses the
     single-term settings; the crop is the whole (h, w) = (360, 480) CamVid frame."""
-    cfgs = {m: rs.load_cfg(rs.method_config(m), []) for m in rs.METHODS}
+    cfgs = {m: load_cfg(method_config(m), []) for m in STUDY_METHODS}
     shared = ["MODEL.RESNETS", "MODEL.SEM_SEG_HEAD", "MODEL.WEIGHTS", "INPUT.CROP.SIZE", "INPUT.SCALE_RANGE",
               "SOLVER.MAX_ITER", "SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.WARMUP_ITERS", "SOLVER.AMP",
               "DATASETS.TEST", "TEST", "SEED"]  # fmt: skip
@@ -252,7 +259,7 @@ def test_study_configs_share_one_protocol():
     assert tuple(base.INPUT.CROP.SIZE) == (360, 480) and base.MODEL.RESNETS.DEPTH == 50 and base.MODEL.WEIGHTS == ""
     assert base.MODEL.DEVICE == "cuda" and base.SOLVER.AMP.ENABLED and base.MODEL.CHANNELS_LAST
     semi = [m for m, c in cfgs.items() if c.MODEL.META_ARCHITECTURE == "SemiSegmentor"]
-    assert sorted(semi) == sorted(set(rs.METHODS) - {"supervised_46", "supervised_367"})
+    assert sorted(semi) == sorted(set(STUDY_METHODS) - {"supervised_46", "supervised_367"})
     for key in ("SEMI.BURN_IN_ITERS", "SEMI.EMA", "SOLVER.IMS_PER_BATCH_UNLABELED", "DATASETS.TRAIN_LABELED",
                 "DATASETS.TRAIN_UNLABELED"):  # fmt: skip
         assert len({json.dumps(get(cfgs[m], key), default=list) for m in semi}) == 1, key
@@ -267,16 +274,16 @@ def test_a_run_in_several_roots_counts_once_only_if_identical(study, tmp_path):
     for part in ("a", "b"):
         with tarfile.open(study["pack"]) as tar:
             tar.extractall(tmp_path / part)
-    runs, problems = rs.collect_runs([str(tmp_path / "a"), str(tmp_path / "b")], METHODS, SEEDS)
+    runs, problems = collect_runs([str(tmp_path / "a"), str(tmp_path / "b")], METHODS, SEEDS)
     assert not problems and len(runs) == len(METHODS) * len(SEEDS)
     with open(tmp_path / "b" / "mean_teacher" / "seed0" / "metrics.json", "a") as f:
         f.write("\n")
     with pytest.raises(ValueError, match="mean_teacher/seed0 is complete in several roots"):
-        rs.collect_runs([str(tmp_path / "a"), str(tmp_path / "b")], METHODS, SEEDS)
+        collect_runs([str(tmp_path / "a"), str(tmp_path / "b")], METHODS, SEEDS)
 
 
 def test_pseudo_label_diagnostics_and_teacher_vs_student_are_reported(study):
-    block = rs.read_block(str(study["doc"]))
+    block = read_block(str(study["doc"]))
     with open(study["runs"] / "mean_teacher" / "seed0" / "metrics.json") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     diag = [r for r in rows if "pl_diag/kept_fraction" in r]
@@ -289,19 +296,19 @@ def test_pseudo_label_diagnostics_and_teacher_vs_student_are_reported(study):
     last = lambda k: [r[k] for r in diag if not math.isnan(r[k])][-1]  # noqa: E731
     assert row["kept fraction"] == f"{100 * last('pl_diag/kept_fraction'):.1f}"
     assert row["kept accuracy"] == f"{100 * last('pl_diag/kept_accuracy'):.1f}"
-    assert f"]({rs.DIAGNOSTICS_PNG})" in block
-    with Image.open(study["doc"].parent / rs.DIAGNOSTICS_PNG) as im:
+    assert f"]({DIAGNOSTICS_PNG})" in block
+    with Image.open(study["doc"].parent / DIAGNOSTICS_PNG) as im:
         im.verify()
 
 
 def test_cpu_protocol_is_one_file_on_top_of_every_method(tmp_path):
-    args = rs.parse_args(["--protocol", "cpu", "--schedule-scale", "0.5"])
+    args = parse_args(["--protocol", "cpu", "--schedule-scale", "0.5"])
     assert (args.output_root, args.results_dir, args.doc, args.seeds) == (
         os.path.join("output", "camvid_cpu"), os.path.join("docs", "results", "camvid_cpu"),
         os.path.join("docs", "results", "camvid_cpu.md"), [0, 1, 2])
-    for method in rs.METHODS:
-        overrides = rs.run_overrides(method, 1, "out", args)
-        cfg = rs.load_cfg(rs.method_config(method), overrides)
+    for method in STUDY_METHODS:
+        overrides = run_overrides(method, 1, "out", args)
+        cfg = load_cfg(method_config(method), overrides)
         assert cfg.MODEL.DEVICE == "cpu" and not cfg.SOLVER.AMP.ENABLED and tuple(cfg.INPUT.CROP.SIZE) == (160, 224)
         assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (180, 240)
         assert cfg.MODEL.RESNETS.STEM_OUT_CHANNELS == 32 and list(cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS) == [16]
@@ -309,16 +316,16 @@ def test_cpu_protocol_is_one_file_on_top_of_every_method(tmp_path):
         if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor":
             assert cfg.SEMI.BURN_IN_ITERS == 150
         assert cfg.SEMI.DIAGNOSTICS.ENABLED and cfg.SEMI.DIAGNOSTICS.GT_DATASETS == ("camvid_train",)
-    gpu = rs.load_cfg(rs.method_config("dgcl"), rs.run_overrides("dgcl", 1, "out", rs.parse_args([])))
+    gpu = load_cfg(method_config("dgcl"), run_overrides("dgcl", 1, "out", parse_args([])))
     assert gpu.MODEL.DEVICE == "cuda" and gpu.SOLVER.MAX_ITER == 1000
 
 
 def test_finished_runs_are_kept_without_checkpoints(study, tmp_path):
     run = study["runs"] / "mean_teacher" / "seed0"
     assert (run / "model_final.pth").is_file()
-    copied = rs.keep_results(str(study["runs"]), str(tmp_path), "mean_teacher", 0)
+    copied = keep_results(str(study["runs"]), str(tmp_path), "mean_teacher", 0)
     kept = tmp_path / "mean_teacher" / "seed0"
     assert not (kept / "model_final.pth").exists()
     assert (kept / "metrics.json").read_bytes() == (run / "metrics.json").read_bytes()
     assert len(os.listdir(kept / "predictions")) == 4 and os.path.isfile(tmp_path / "frames" / "frames.json")
-    assert rs.is_complete(str(tmp_path), "mean_teacher", 0) and len(copied) >= 9
+    assert is_complete(str(tmp_path), "mean_teacher", 0) and len(copied) >= 9

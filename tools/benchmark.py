@@ -9,7 +9,8 @@ A step is the engine's own (``SemiSegTrainLoop.run_step`` + the LR-scheduler and
 the config's per-GPU batch (``SOLVER.REFERENCE_WORLD_SIZE`` scaling to 1 process, as ``train_net.py`` does).
 Semi-supervised configs start after burn-in and every term's start iteration, so all terms run; memory banks are
 filled with random entries first (steady-state cost: DGCL's loss only runs on full banks; ``--empty-banks`` to
-keep them empty). ``--synthetic`` feeds random images and block labels of the config's crop and batch (no
+keep them empty). The components are the named scopes of the step (``semiseg_d2.utils.profiling.scope``).
+``--synthetic`` feeds random images and block labels of the config's crop and batch (no
 dataset needed); otherwise the config's training loader is used. Weights are random (MODEL.WEIGHTS not loaded:
 timing does not depend on them). Timing: CUDA events on GPU (read once at the end), perf_counter on CPU.
 Exit status: 0 ok, 2 bad input, 3 out of memory (the report names the component and the peak so far).
@@ -31,12 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from semiseg_d2.utils.profiling import (  # noqa: E402
-    StepProfiler,
-    attach_step_profiler,
-    current_rss_peak_bytes,
-    peak_memory_bytes,
-)
+from semiseg_d2.utils.profiling import StepProfiler, current_rss_peak_bytes, peak_memory_bytes  # noqa: E402
 
 SCHEMA = "semiseg_d2.benchmark/1"
 EXIT_OK, EXIT_BAD_INPUT, EXIT_OOM = 0, 2, 3
@@ -293,7 +289,7 @@ def build_training(cfg, data):
     loop = SemiSegTrainLoop(model, data, optimizer, amp_dtype=autocast_dtype(cfg),
                             check_finite=cfg.SEMI.NONFINITE_CHECK)
     trainer_hooks = [hooks.LRScheduler(optimizer, scheduler)]
-    if is_semi_supervised(cfg):
+    if is_semi_supervised(cfg) and model.ema_pairs():  # nothing averaged (SEMI.TEACHER_MODE "student"): no "ema" row
         trainer_hooks.append(build_ema_hook(cfg))
     loop.register_hooks(trainer_hooks)
     return model, loop
@@ -354,12 +350,11 @@ def run_training(args, cfg, device, start_iter, report, profiler_hook=None):
     if device.type == "cpu":
         report["notes"].append("CPU fallback: times are for development only, not comparable with GPU figures")
     prof = StepProfiler(device)
-    report["components_attached"] = attach_step_profiler(loop, prof)
     if profiler_hook is not None:
         profiler_hook(model, loop, prof)
     it = start_iter
     try:
-        with EventStorage(start_iter) as storage:
+        with EventStorage(start_iter) as storage, prof:  # prof: the step's scopes feed it
             loop.storage = storage
             loop.iter = loop.start_iter = start_iter
             loop.max_iter = cfg.SOLVER.MAX_ITER
@@ -391,7 +386,7 @@ def run_training(args, cfg, device, start_iter, report, profiler_hook=None):
               f"in '{prof.peak_component}'). {first_line}", file=sys.stderr)
         return EXIT_OOM
     finally:
-        prof.detach()
+        report["components_attached"] = prof.components()
     s = prof.summary(skip=args.warmup)
     images = report["ims_per_batch"]["labeled"] + report["ims_per_batch"]["unlabeled"]
     report.update(

@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from semiseg_d2.utils.profiling import StepProfiler, attach_step_profiler  # noqa: E402
+from semiseg_d2.utils.profiling import StepProfiler  # noqa: E402
 
 # tools/ is not a package (and an installed "tools" package may shadow it): load benchmark.py by path
 _spec = importlib.util.spec_from_file_location("semiseg_benchmark", os.path.join(REPO, "tools", "benchmark.py"))
@@ -70,9 +70,7 @@ def build(args, spec, device):
     data = B.SyntheticBatches(cfg) if args.synthetic else B.build_real_loader(cfg)
     model, loop = B.build_training(cfg, data)
     B.fill_memory_banks(model)
-    prof = StepProfiler(device)
-    attach_step_profiler(loop, prof)
-    return SimpleNamespace(name=spec, cfg=cfg, start=start, loop=loop, prof=prof)
+    return SimpleNamespace(name=spec, cfg=cfg, start=start, loop=loop, prof=StepProfiler(device))
 
 
 def run(runs, rounds):
@@ -80,15 +78,16 @@ def run(runs, rounds):
 
     storages = [EventStorage(r.start) for r in runs]
     for r, storage in zip(runs, storages):
-        storage.__enter__()
-        r.loop.storage = storage
-        r.loop.iter = r.loop.start_iter = r.start
-        r.loop.max_iter = r.cfg.SOLVER.MAX_ITER
-        r.loop.before_train()
+        with storage:  # pushed and popped around each use: the global stack is left as it was found
+            r.loop.storage = storage
+            r.loop.iter = r.loop.start_iter = r.start
+            r.loop.max_iter = r.cfg.SOLVER.MAX_ITER
+            r.loop.before_train()
     for i in range(rounds):
         for r, storage in zip(runs, storages):
-            # detectron2 reads the current storage from a global stack: this run's goes on top for its step
-            with storage:
+            # detectron2 reads the current storage from a global stack: this run's goes on top for its step;
+            # its profiler is the one the step's scopes feed
+            with storage, r.prof:
                 r.loop.iter = r.start + i
                 r.prof.begin_iteration()
                 r.loop.before_step()

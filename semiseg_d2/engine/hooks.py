@@ -24,6 +24,8 @@ class EMAHook(HookBase):
     ``min(1 - 1/(t+1), m)`` and Alonso's cosine schedule both start when the teacher starts to be used.
     """
 
+    scope_name = "ema"  # its after_step's profiling scope (utils/profiling.py: hook_scope_name)
+
     def __init__(self, momentum: float, schedule: str, burn_in_iters: int, max_iter: int, average_buffers: bool = True):
         ema_momentum(schedule, momentum, 0, max(max_iter, 1))  # validates the schedule name now
         self.average_buffers = bool(average_buffers)

@@ -38,6 +38,7 @@ from ..data.build import build_sem_seg_test_loader, build_sem_seg_train_loader, 
 from ..evaluation import build_sem_seg_evaluator
 from ..losses.registry import config_with_dataset_values
 from ..modeling import TeacherStudent, is_semi_supervised
+from ..utils.profiling import hook_scope_name, scope
 from .checkpoint import SemiSegCheckpointer, atomic_write_text, capture_rng_state, restore_rng_state
 from .hooks import build_ema_hook, unwrap_model
 from .optimizer import build_optimizer
@@ -174,35 +175,49 @@ class SemiSegTrainLoop(SimpleTrainer):
         module = unwrap_model(self.model)
         semi = isinstance(module, TeacherStudent)  # the model reads the step's iteration from the event storage
         start = time.perf_counter()
-        data = next(self._data_loader_iter)
+        with scope("data"):
+            data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
         if getattr(self.data_loader, "skips_unreadable", False):
             get_event_storage().put_scalar("data/unreadable", len(self.data_loader.unreadable))
 
         device_type = "cuda" if next(module.parameters()).is_cuda else "cpu"
         with torch.autocast(device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            loss_dict = self.model(data)
+            with scope("forward"):
+                loss_dict = self.model(data)
         metrics = module.pop_metrics() if semi else {}
         losses = sum(loss_dict.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(losses).backward()
-        else:
-            losses.backward()
+        with scope("zero_grad"):
+            self.optimizer.zero_grad(set_to_none=True)
+        with scope("backward"):
+            if self.grad_scaler is not None:
+                self.grad_scaler.scale(losses).backward()
+            else:
+                losses.backward()
         self.after_backward()
-        host_losses, host_metrics = self._losses_to_host(loss_dict, metrics)  # the step's one host sync
+        with scope("host_sync"):
+            host_losses, host_metrics = self._losses_to_host(loss_dict, metrics)  # the step's one host sync
         if self.check_finite and host_losses:
-            self._raise_if_not_finite(host_losses, module)
-        self._write_metrics(host_losses, data_time)
+            with scope("finite_check"):
+                self._raise_if_not_finite(host_losses, module)
+        with scope("metrics"):
+            self._write_metrics(host_losses, data_time)
         if host_metrics and comm.is_main_process():
             get_event_storage().put_scalars(**{k: float(v) for k, v in host_metrics.items()})
-        if self.grad_scaler is not None:
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            self.optimizer.step()
+        with scope("optimizer"):
+            if self.grad_scaler is not None:
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
+            else:
+                self.optimizer.step()
         if semi:
-            module.after_optimizer_step()
+            with scope("term_updates"):
+                module.after_optimizer_step()
+
+    def after_step(self):
+        for h in self._hooks:  # detectron2's TrainerBase.after_step, each hook a named scope ("ema", "hook:<Name>")
+            with scope(hook_scope_name(h)):
+                h.after_step()
 
     def state_dict(self):
         ret = super().state_dict()
@@ -245,6 +260,8 @@ class SegTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    after_step = SemiSegTrainLoop.after_step  # its hooks are named profiling scopes too
 
     @staticmethod
     def _find_unused(cfg) -> bool:

@@ -1,31 +1,35 @@
-"""Per-component timing of training steps, attached from outside the production code.
+"""Named profiling scopes of the training step, and the per-component timer of ``tools/benchmark.py``.
 
-:class:`StepProfiler` times named regions. On CUDA every region boundary records a CUDA event (no host sync;
-the events are resolved once, in :meth:`StepProfiler.summary`); on CPU it reads ``time.perf_counter``. Host
-(wall-clock) times are kept in both cases. Regions nest: a region's own time is its duration minus its direct
-children's, so nested components are never counted twice.
+:class:`scope` is how the production code names the parts of a step: ``with scope("teacher"): ...`` (or
+``@scope("teacher")`` on a function). While torch's profiler runs each scope is a ``torch.profiler.record_function``
+range, so a ``torch.profiler`` trace of training shows the same names, and when a :class:`StepProfiler` is active
+(``with prof:``) the scope is also one of its timed regions. With neither running a scope costs a check of
+each and never synchronises the device.
 
-:func:`attach_step_profiler` instruments a ``SemiSegTrainLoop`` (detectron2 ``SimpleTrainer``) and its model by
-replacing bound methods on the instances (the classes are untouched; :meth:`StepProfiler.detach` restores them)
-and by optimizer step hooks:
+The step's scopes (the components of ``tools/benchmark.py``, nested as a region path):
 
-    data                      next(data iterator)
+    data                      next(data iterator)                                  engine/trainer.py
     forward                   the model call (own time: stacking, normalisation, mixing, splitting)
-      teacher                 SemiSegmentor: teacher pass + its pseudo-label maps (``_teacher_outputs``)
-      student                 student network (``student.extract``; Segmentor: ``extract``)
-      student_fp              UniMatch's pass with the feature-perturbed copy (``student.extract_fp``)
-      loss:<term>             each loss term's forward (Segmentor: ``loss:supervised``)
-    host_sync                 ``_losses_to_host``: the step's one device->host copy of losses and metrics
-    finite_check              ``_raise_if_not_finite`` (when the loop has it)
-    zero_grad                 ``optimizer.zero_grad``
-    backward                  from the end of zero_grad to ``after_backward`` (the loss backward)
-    metrics                   ``_write_metrics`` (detectron2's loss logging, a host sync)
-    optimizer                 ``optimizer.step`` (step pre/post hooks)
-    term_updates              ``after_optimizer_step``
-      update:<term>           each term's ``update`` (memory banks, flow)
-    ema / hook:<Name>         each trainer hook's ``after_step`` (``EMAHook`` -> ``ema``)
+      teacher                 SemiSegmentor: teacher pass + its pseudo-label maps  modeling/meta_arch/semi.py
+        student               the student standing in for the teacher (SEMI.TEACHER_MODE "student")
+      student                 student network passes (Segmentor: its one pass)     semi.py, segmentor.py
+      student_fp              UniMatch's pass with the feature-perturbed copy      semi.py
+      loss:<term>             each loss term's forward (Segmentor: loss:supervised)  teacher_student.py, segmentor.py
+    zero_grad, backward       optimizer.zero_grad, the loss backward               engine/trainer.py
+    host_sync                 the step's one device->host copy of losses and metrics
+    finite_check              the non-finite check (when enabled)
+    metrics                   detectron2's loss logging (a host sync)
+    optimizer                 the optimizer step
+    term_updates              the terms' state updates after the optimizer step
+      update:<term>           each term's ``update`` (memory banks, flow)          teacher_student.py
+    ema / hook:<Name>         each trainer hook's ``after_step`` (EMAHook's ``scope_name`` is "ema")
 
 Everything else in the iteration (summing losses, metric dicts, autocast set-up) is reported as "unattributed".
+
+:class:`StepProfiler` times the regions: on CUDA every region boundary records a CUDA event (no host sync; the
+events are resolved once, in :meth:`StepProfiler.summary`); on CPU it reads its host ``clock``
+(``time.perf_counter``). Host times are kept in both cases. Regions nest: a region's own time is its duration
+minus its direct children's, so nested components are never counted twice.
 """
 import functools
 import resource
@@ -35,7 +39,58 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["StepProfiler", "attach_step_profiler", "peak_memory_bytes", "current_rss_peak_bytes"]
+__all__ = ["scope", "hook_scope_name", "StepProfiler", "peak_memory_bytes", "current_rss_peak_bytes"]
+
+_active: Optional["StepProfiler"] = None  # the StepProfiler that scopes feed (``with prof:``), if any
+
+
+class scope:
+    """A named part of the training step: a ``torch.profiler.record_function`` range while torch's profiler runs
+    and, while a :class:`StepProfiler` is active, one of its regions; otherwise (almost) nothing. Usable as
+    ``with scope(name):`` and as a decorator ``@scope(name)``."""
+
+    __slots__ = ("name", "_range", "_prof")
+
+    def __init__(self, name: str):
+        self.name = name
+        self._range = self._prof = None
+
+    def __enter__(self) -> "scope":
+        if torch.autograd._profiler_enabled():  # as torch's datapipes do: no range (~20 us on a busy CPU) otherwise
+            self._range = torch.profiler.record_function(self.name)
+            self._range.__enter__()
+        self._prof = _active
+        if self._prof is not None:
+            self._prof.push(self.name)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._prof is not None:
+            if exc_type is None:
+                self._prof.pop(self.name)
+            else:
+                self._prof.abort(self.name)
+            self._prof = None
+        if self._range is not None:
+            self._range.__exit__(exc_type, exc, tb)
+            self._range = None
+        return False
+
+    def __call__(self, fn: Callable) -> Callable:
+        name = self.name
+
+        @functools.wraps(fn)
+        def scoped(*args, **kwargs):
+            with scope(name):  # a fresh scope per call: calls may nest or recurse
+                return fn(*args, **kwargs)
+
+        return scoped
+
+
+def hook_scope_name(hook) -> str:
+    """The scope of a trainer hook's ``after_step``: its ``scope_name`` attribute (``EMAHook``: "ema"), else
+    ``"hook:<class name>"``."""
+    return getattr(hook, "scope_name", None) or f"hook:{type(hook).__name__}"
 
 
 def current_rss_peak_bytes() -> int:
@@ -53,12 +108,12 @@ def peak_memory_bytes(device: torch.device) -> int:
 class _Mark:
     __slots__ = ("host", "event")
 
-    def __init__(self, cuda: bool):
+    def __init__(self, cuda: bool, clock: Callable[[], float]):
         self.event = None
         if cuda:
             self.event = torch.cuda.Event(enable_timing=True)
             self.event.record()
-        self.host = time.perf_counter()
+        self.host = clock()
 
     def seconds_to(self, other: "_Mark", cuda: bool) -> float:
         if cuda:
@@ -67,25 +122,43 @@ class _Mark:
 
 
 class StepProfiler:
-    """Named, nested regions per training iteration; CUDA events on GPU, perf_counter on CPU.
+    """Named, nested regions per training iteration; CUDA events on GPU, the host ``clock`` on CPU.
 
-    Use :meth:`begin_iteration` / :meth:`end_iteration` around each step, :meth:`push` / :meth:`pop` (or
-    :meth:`wrap_method`) for regions. A region that raises stays recorded in :attr:`failed_stack` (the region
-    path that was running), e.g. to name the component of an out-of-memory error.
+    ``with prof:`` makes it the profiler that :func:`scope` feeds (one at a time); :meth:`begin_iteration` /
+    :meth:`end_iteration` go around each step. :meth:`push` / :meth:`pop` open and close a region directly. A
+    region that raises stays recorded in :attr:`failed_stack` (the region path that was running), e.g. to name
+    the component of an out-of-memory error. ``clock`` (seconds; default ``time.perf_counter``) is the host
+    clock, which tests replace by a fake one.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.clock = clock
         self.stack: List[tuple] = []  # open regions: (name, start mark)
         self.failed_stack: Optional[List[str]] = None
         self.iterations: List[dict] = []  # {"start", "end", "regions": [(path, start, end)]}
         self.peak_component: Optional[str] = None  # region that last raised the memory peak
         self._peak = 0
         self._current: Optional[dict] = None
-        self._undo: List[Callable[[], None]] = []
+
+    # ------------------------------------------------------------------ activation
+    def __enter__(self) -> "StepProfiler":
+        global _active
+        if _active is not None:
+            raise RuntimeError("StepProfiler: another StepProfiler is already active (profilers do not nest)")
+        _active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _active
+        if _active is self:
+            _active = None
 
     # ------------------------------------------------------------------ recording
+    def _mark(self) -> _Mark:
+        return _Mark(self.cuda, self.clock)
+
     def _probe_memory(self, path: str) -> None:
         peak = peak_memory_bytes(self.device)
         if peak > self._peak:
@@ -95,15 +168,14 @@ class StepProfiler:
     def begin_iteration(self) -> None:
         if self.stack:
             raise RuntimeError(f"StepProfiler: regions still open at the start of an iteration: {self.path()}")
-        self._current = {"start": _Mark(self.cuda), "regions": []}
+        self._current = {"start": self._mark(), "regions": []}
 
     def end_iteration(self) -> None:
         if self._current is None:
             raise RuntimeError("StepProfiler: end_iteration without begin_iteration")
         if self.stack:
-            raise RuntimeError(f"StepProfiler: regions not closed at the end of the iteration: {self.path()} "
-                               "(the instrumented methods were not called in the expected order)")
-        self._current["end"] = _Mark(self.cuda)
+            raise RuntimeError(f"StepProfiler: regions not closed at the end of the iteration: {self.path()}")
+        self._current["end"] = self._mark()
         self.iterations.append(self._current)
         self._current = None
 
@@ -111,20 +183,31 @@ class StepProfiler:
         return "/".join(name for name, _ in self.stack)
 
     def push(self, name: str) -> None:
-        self.stack.append((name, _Mark(self.cuda)))
+        self.stack.append((name, self._mark()))
 
     def pop(self, name: str) -> None:
         if not self.stack or self.stack[-1][0] != name:
             raise RuntimeError(f"StepProfiler: closing '{name}' but the open region is '{self.path()}'")
         path = self.path()
         _, start = self.stack.pop()
-        end = _Mark(self.cuda)
+        end = self._mark()
         if self._current is not None:
             self._current["regions"].append((path, start, end))
         self._probe_memory(path)
 
+    def abort(self, name: str) -> None:
+        """Region ``name`` raised: remember the running region path (first failure only) and close ``name`` and
+        every region opened inside it."""
+        if self.failed_stack is None:
+            self.failed_stack = [n for n, _ in self.stack]
+        while self.stack and self.stack[-1][0] != name:
+            self.stack.pop()
+        if self.stack:
+            self.stack.pop()
+
     def record_failure(self) -> None:
-        """Remember the innermost running region (first failure only) and close every open region."""
+        """Remember the innermost running region (first failure only), close every open region and drop the
+        iteration in progress."""
         if self.failed_stack is None:
             self.failed_stack = [name for name, _ in self.stack]
         self.stack.clear()
@@ -133,50 +216,13 @@ class StepProfiler:
     def failed_component(self) -> str:
         return "/".join(self.failed_stack) if self.failed_stack else "(outside the instrumented components)"
 
-    # ------------------------------------------------------------------ instrumentation
-    def wrap_method(self, obj, attr: str, name: str) -> bool:
-        """Time ``obj.attr(...)`` as region ``name`` by shadowing the bound method on the instance.
-        Returns False (nothing done) when ``obj`` has no such attribute."""
-        fn = getattr(obj, attr, None)
-        if fn is None or not callable(fn):
-            return False
-        had_own = attr in getattr(obj, "__dict__", {})
-        prof = self
-
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            prof.push(name)
-            try:
-                out = fn(*args, **kwargs)
-            except BaseException:
-                if prof.failed_stack is None:
-                    prof.failed_stack = [n for n, _ in prof.stack]
-                while prof.stack and prof.stack[-1][0] != name:
-                    prof.stack.pop()
-                if prof.stack:
-                    prof.stack.pop()
-                raise
-            prof.pop(name)
-            return out
-
-        setattr(obj, attr, timed)
-
-        def undo():
-            if had_own:
-                setattr(obj, attr, fn)
-            else:
-                delattr(obj, attr)
-
-        self._undo.append(undo)
-        return True
-
-    def add_undo(self, fn: Callable[[], None]) -> None:
-        self._undo.append(fn)
-
-    def detach(self) -> None:
-        """Remove every wrapper and hook this profiler installed."""
-        while self._undo:
-            self._undo.pop()()
+    def components(self) -> List[str]:
+        """Every region path recorded so far (all iterations, warm-up included), in order of first appearance."""
+        seen = {}
+        for it in self.iterations:
+            for path, _, _ in it["regions"]:
+                seen.setdefault(path, None)
+        return list(seen)
 
     # ------------------------------------------------------------------ results
     def per_iteration(self, skip: int = 0) -> List[Dict[str, float]]:
@@ -260,129 +306,3 @@ def _percentile(values: List[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-# ---------------------------------------------------------------------------------------------- attaching
-class _TimedIterator:
-    def __init__(self, it, prof: StepProfiler):
-        self._it, self._prof = it, prof
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self._prof.push("data")
-        try:
-            batch = next(self._it)
-        except BaseException:
-            self._prof.record_failure()
-            raise
-        self._prof.pop("data")
-        return batch
-
-
-def _hook_name(hook) -> str:
-    cls = type(hook).__name__
-    return "ema" if cls == "EMAHook" else f"hook:{cls}"
-
-
-def attach_step_profiler(loop, prof: StepProfiler) -> List[str]:
-    """Instrument ``loop`` (a ``SemiSegTrainLoop`` / ``SimpleTrainer`` with its hooks registered) and its model.
-
-    Returns the list of attached component names (for the report). Call ``prof.detach()`` to undo.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    attached = []
-    model = loop.model
-    module = model.module if isinstance(model, DistributedDataParallel) else model
-
-    # data: the loop reads self._data_loader_iter (detectron2 creates it lazily from self.data_loader)
-    timed_iter = _TimedIterator(iter(loop.data_loader), prof)
-    loop._data_loader_iter_obj = timed_iter
-    attached.append("data")
-
-    if prof.wrap_method(model, "forward", "forward"):
-        attached.append("forward")
-    if hasattr(module, "terms") and hasattr(module, "teacher"):  # SemiSegmentor
-        if prof.wrap_method(module, "_teacher_outputs", "teacher"):
-            attached.append("forward/teacher")
-        elif module.teacher is not None and prof.wrap_method(module.teacher, "extract", "teacher"):
-            attached.append("forward/teacher")
-        if prof.wrap_method(module.student, "extract", "student"):
-            attached.append("forward/student")
-        if getattr(module, "fp_dropout", 0) and prof.wrap_method(module.student, "extract_fp", "student_fp"):
-            attached.append("forward/student_fp")  # UniMatch: cat(labeled, weak) with the perturbed features
-        for name, term in module.terms.items():
-            if prof.wrap_method(term, "forward", f"loss:{name}"):
-                attached.append(f"forward/loss:{name}")
-            if type(term).update is not _base_update() and prof.wrap_method(term, "update", f"update:{name}"):
-                attached.append(f"term_updates/update:{name}")
-        if prof.wrap_method(module, "after_optimizer_step", "term_updates"):
-            attached.append("term_updates")
-    else:  # Segmentor
-        if prof.wrap_method(module, "extract", "student"):
-            attached.append("forward/student")
-        if prof.wrap_method(module, "losses", "loss:supervised"):
-            attached.append("forward/loss:supervised")
-
-    if prof.wrap_method(loop, "_losses_to_host", "host_sync"):
-        attached.append("host_sync")
-    if prof.wrap_method(loop, "_raise_if_not_finite", "finite_check"):
-        attached.append("finite_check")
-    if prof.wrap_method(loop, "_write_metrics", "metrics"):
-        attached.append("metrics")
-
-    # backward: the loop calls optimizer.zero_grad() right before the backward and after_backward() right after
-    opt = loop.optimizer
-    zero_grad = opt.zero_grad
-
-    @functools.wraps(zero_grad)
-    def zero_grad_then_open_backward(*args, **kwargs):
-        prof.push("zero_grad")
-        zero_grad(*args, **kwargs)
-        prof.pop("zero_grad")
-        prof.push("backward")
-
-    opt.zero_grad = zero_grad_then_open_backward
-    prof.add_undo(lambda: delattr(opt, "zero_grad"))
-    after_backward = loop.after_backward
-
-    @functools.wraps(after_backward)
-    def close_backward(*args, **kwargs):
-        prof.pop("backward")
-        return after_backward(*args, **kwargs)
-
-    loop.after_backward = close_backward
-    prof.add_undo(lambda: delattr(loop, "after_backward"))
-    attached += ["zero_grad", "backward"]
-
-    h1 = opt.register_step_pre_hook(lambda *a, **k: prof.push("optimizer"))
-    h2 = opt.register_step_post_hook(lambda *a, **k: prof.pop("optimizer"))
-    prof.add_undo(h1.remove)
-    prof.add_undo(h2.remove)
-    attached.append("optimizer")
-
-    for hook in getattr(loop, "_hooks", []):
-        name = _hook_name(hook)
-        if type(hook).after_step is not _base_after_step():
-            if prof.wrap_method(hook, "after_step", name):
-                attached.append(name)
-
-    def restore_iter():
-        loop._data_loader_iter_obj = timed_iter._it
-
-    prof.add_undo(restore_iter)
-    return attached
-
-
-def _base_update():
-    from ..losses.registry import SemiLossTerm
-
-    return SemiLossTerm.update
-
-
-def _base_after_step():
-    from detectron2.engine import HookBase
-
-    return HookBase.after_step

@@ -11,6 +11,7 @@ from detectron2.structures import ImageList
 
 from ...config import check_semiseg_config
 from ...losses.segmentation import ohem_cross_entropy, sem_seg_cross_entropy, upsample_logits
+from ...utils.profiling import scope
 from ..backbone.build import build_backbone_checked
 from ..heads.build import build_sem_seg_head_checked
 
@@ -222,7 +223,10 @@ class Segmentor(nn.Module):
                 [x["sem_seg"].to(self.device) for x in batched_inputs], size_divisibility=d,
                 pad_value=float(self.ignore_value),
             ).tensor.long()
-            return self.losses(self.extract(images.tensor), targets)
+            with scope("student"):
+                outputs = self.extract(images.tensor)
+            with scope("loss:supervised"):
+                return self.losses(outputs, targets)
         results = []
         for x in batched_inputs:
             image = self.normalize(x["image"][None])

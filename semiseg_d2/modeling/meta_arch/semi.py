@@ -48,6 +48,7 @@ from ...layers.perturbation import (
 from ...losses.registry import build_loss_terms
 from ...losses.step import SemiStep
 from ...utils.dtype import upcast
+from ...utils.profiling import scope
 from ...utils.visualizer import denormalize, semi_step_pictures
 from .segmentor import Segmentor
 from .teacher_student import TeacherStudent
@@ -279,6 +280,7 @@ class SemiSegmentor(TeacherStudent):
         x = torch.stack([d[key] for d in dicts]).to(self.device, non_blocking=True)
         return x if dtype is None else x.to(dtype)
 
+    @scope("teacher")
     @torch.no_grad()
     def _teacher_outputs(self, images: torch.Tensor, valid: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Teacher on normalised images -> fp32 maps at crop resolution + head outputs (one pass).
@@ -289,7 +291,8 @@ class SemiSegmentor(TeacherStudent):
         precision = nullcontext() if self.teacher_autocast else torch.autocast(images.device.type, enabled=False)
         network = self.teacher if self.teacher is not None else self.student
         mode = batch_statistics_mode if self.teacher_train_mode else eval_mode
-        with torch.inference_mode(), precision, mode(network):
+        role = scope("student") if network is self.student else nullcontext()  # the student's pass, named as such
+        with torch.inference_mode(), precision, mode(network), role:
             out = network.extract(images)
         # Leave inference mode: terms use these as targets of autograd ops.
         return self._teacher_maps({k: v.clone() for k, v in out.items() if v is not None}, images, valid)
@@ -338,7 +341,9 @@ class SemiSegmentor(TeacherStudent):
             labeled_datasets=[x.get("dataset_name") for x in labeled],
         )
         if burn_in:
-            return SemiStep(student_labeled=student.extract(images_l), burn_in=True, **common)
+            with scope("student"):
+                student_labeled = student.extract(images_l)
+            return SemiStep(student_labeled=student_labeled, burn_in=True, **common)
 
         valid = self._stack(unlabeled, "valid", torch.bool)
         weak = student.normalize(self._stack(unlabeled, "image"))
@@ -408,6 +413,7 @@ class SemiSegmentor(TeacherStudent):
             **common,
         )
 
+    @scope("student")
     def _extract(self, images: torch.Tensor, channel_scale):
         """The student on ``images``, with UniMatch V2's channel scales when there are any."""
         if channel_scale is None:
@@ -443,9 +449,12 @@ class SemiSegmentor(TeacherStudent):
         ``weak_fp`` (with ``fp_dropout``) decodes the perturbed backbone features in the same head batch."""
         sizes = [images_l.shape[0], weak.shape[0]]
         if not self.fp_dropout:
-            labeled, weak_out = split_outputs(self.student.extract(torch.cat([images_l, weak])), sizes)
+            with scope("student"):
+                out = self.student.extract(torch.cat([images_l, weak]))
+            labeled, weak_out = split_outputs(out, sizes)
             return labeled, weak_out, {}
-        clean, perturbed = self.student.extract_fp(torch.cat([images_l, weak]), self.fp_dropout)
+        with scope("student_fp"):
+            clean, perturbed = self.student.extract_fp(torch.cat([images_l, weak]), self.fp_dropout)
         labeled, weak_out = split_outputs(clean, sizes)
         return labeled, weak_out, split_outputs(perturbed, sizes)[1]
 

@@ -19,6 +19,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ...layers.ema import EMAPair
+from ...utils.profiling import scope
 
 EVAL_NETWORKS = ("student", "teacher")
 TEACHER_MODES = ("ema", "student")
@@ -86,7 +87,9 @@ class TeacherStudent(nn.Module):
         for name, term in self.terms.items():
             if step.burn_in and term.needs_unlabeled:
                 continue
-            for key, value in term(step).items():
+            with scope(f"loss:{name}"):
+                term_losses = term(step)
+            for key, value in term_losses.items():
                 if key in losses:
                     raise KeyError(f"loss term '{name}' returned '{key}', which another term already returned")
                 losses[key] = value
@@ -100,8 +103,9 @@ class TeacherStudent(nn.Module):
         step, self._last_step = self._last_step, None
         if step is None or step.burn_in:
             return
-        for term in self.terms.values():
-            term.update(step)
+        for name, term in self.terms.items():
+            with scope(f"update:{name}"):
+                term.update(step)
 
     def pop_metrics(self) -> Dict[str, torch.Tensor]:
         """Metrics the terms logged in the last forward (detached scalars)."""
