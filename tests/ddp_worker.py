@@ -1,4 +1,4 @@
-"""Worker for tests/test_ddp.py: trains a few semi-supervised steps on one rank, saves its state."""
+"""Worker for tests/engine/test_ddp.py: trains a few semi-supervised steps on one rank, saves its state."""
 import os
 
 import torch

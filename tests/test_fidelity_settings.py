@@ -21,7 +21,7 @@ SPLITS = os.path.join(ROOT, "semiseg_d2", "data", "splits")
 
 def _configs(pattern):
     """The ResNet reproduction configs of ``pattern``: the ``*_dinov2_*`` files put the same terms on DINOv2 + DPT
-    with UniMatch V2's recipe (AdamW, weight decay 0.01, crops of 14), checked in tests/test_dinov2.py."""
+    with UniMatch V2's recipe (AdamW, weight decay 0.01, crops of 14), checked in tests/modeling/test_dinov2.py."""
     return sorted(p for p in glob.glob(os.path.join(ROOT, "configs", pattern)) if "_dinov2_" not in p)
 
 

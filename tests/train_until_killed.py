@@ -1,5 +1,5 @@
 """``tools/train_net.py`` that kills itself with SIGKILL right after iteration ``--kill-after`` (a test helper of
-tests/test_train_e2e.py): the hook runs after every default hook of that step, so the periodic checkpoint of the
+tests/engine/test_train_e2e.py): the hook runs after every default hook of that step, so the periodic checkpoint of the
 iteration is on disk, and the kill lands at the same point of the run on every machine, however loaded.
 
     python tests/train_until_killed.py --kill-after N --config-file cfg.yaml [train_net arguments]

@@ -9,7 +9,7 @@ Runs the network on whole images, takes the head's "features" (the classifier in
 ground truth nearest-downsampled to the feature resolution, samples ``--num-pixels`` labeled pixels (spread
 evenly over the images) and writes ``feature_stats.json`` (silhouette, Calinski-Harabasz, counts) and, with
 ``--plot``, a 2-D PCA scatter ``feature_pca.png`` into ``--output``. The metrics are implemented here
-(Euclidean distances, as scikit-learn's defaults) and tested in tests/test_feature_stats.py.
+(Euclidean distances, as scikit-learn's defaults) and tested in tests/tools/test_feature_stats.py.
 """
 import argparse
 import json

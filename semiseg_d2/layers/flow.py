@@ -9,7 +9,7 @@ mixture with one learnable mean per class and identity covariance, so
 Structure as in the official code (github.com/Gavinwxy/DDFP, model/flow/model.py: FrEIA 0.2
 ``GLOWCouplingBlock(clamp=2.0)`` + ``PermuteRandom(seed=k)`` after block k, subnets
 Linear(D/2, 256)-ReLU-Linear(256, 256)-ReLU-Linear(256, D), params initialised N(0, 0.05^2), means N(0, I)),
-written here in plain torch; tests/test_flow.py checks one block and a whole flow against FrEIA 0.2 with copied
+written here in plain torch; tests/layers/test_flow.py checks one block and a whole flow against FrEIA 0.2 with copied
 weights. Numerics are fp32 with autocast disabled.
 """
 import math

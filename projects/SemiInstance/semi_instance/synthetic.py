@@ -2,7 +2,7 @@
 
 Each category has its own shape and colour (learnable in a few hundred CPU iterations), objects never overlap
 (so each polygon is exactly the visible mask), category and image ids are non-contiguous (exercising
-detectron2's id mapping), masks are polygons or RLE. Used by tests/test_semi_instance.py and the tiny demo.
+detectron2's id mapping), masks are polygons or RLE. Used by tests/projects/test_semi_instance.py and the tiny demo.
 
     python -m semi_instance.synthetic --out datasets/synthetic_shapes --train 48 --val 8
 """

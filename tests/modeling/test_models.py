@@ -14,9 +14,9 @@ from detectron2.modeling import build_model
 from semiseg_d2.config import get_semiseg_cfg
 from semiseg_d2.losses.segmentation import ohem_cross_entropy
 from semiseg_d2.modeling.meta_arch.segmentor import window_starts
-from tiny import tiny_cfg
+from tests.tiny import tiny_cfg
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 C = 11
 
 
@@ -54,7 +54,7 @@ def test_heads_forward_backward_at_odd_sizes_and_batch_one(head, os_):
     model, _ = _model(head, os_)
     model.train()
     for size in [(64, 64), (65, 97), (96, 80)]:
-        # U2PL's ASPP pooling branch has BN: batch >= 2 per process with plain BN (tests/test_u2pl_head.py)
+        # U2PL's ASPP pooling branch has BN: batch >= 2 per process with plain BN (tests/modeling/test_u2pl_head.py)
         for bs in ((2,) if head == "U2PLDeepLabV3PlusHead" else (1, 2)):
             images = model.normalize(torch.stack([x["image"] for x in _batch([size] * bs)]))
             out = model.extract(images)

@@ -17,7 +17,7 @@ from detectron2.engine import HookBase
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROJECT = os.path.join(ROOT, "projects", "SemiInstance")
 sys.path.insert(0, PROJECT)
 
@@ -391,7 +391,7 @@ def test_coco_splits_follow_the_fold_seed_convention(tmp_path):
 
 
 def test_make_splits_coco_mode_writes_plain_id_lists(shapes, tmp_path):
-    from tests.test_datasets import _load_tool
+    from tests.data.test_datasets import _load_tool
 
     tool = _load_tool("make_splits")
     out = tmp_path / "splits"

@@ -19,9 +19,9 @@ from semiseg_d2.data.splits.splits import (
 )
 
 from tests import synthetic_trees as st
-from tests.test_datasets import _load_tool
+from tests.data.test_datasets import _load_tool
 
-SHARED_CAMVID = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "datasets", "camvid")
+SHARED_CAMVID = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "..", "shared", "datasets", "camvid")
 
 
 class TestPartition(unittest.TestCase):

@@ -11,7 +11,7 @@ import torch
 
 from tests.make_numerics_reference import method_cfg
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location("benchmark_tool", os.path.join(REPO, "tools", "benchmark.py"))
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)

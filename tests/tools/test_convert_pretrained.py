@@ -18,9 +18,9 @@ from detectron2.projects.deeplab import build_resnet_deeplab_backbone
 from semiseg_d2.engine.checkpoint import CONVERTER_INFO_KEY
 from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainer
 from semiseg_d2.modeling.backbone import build_semiseg_resnet_backbone
-from tiny import tiny_cfg
+from tests.tiny import tiny_cfg
 
-_TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "convert_pretrained.py")
+_TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "convert_pretrained.py")
 _spec = importlib.util.spec_from_file_location("convert_pretrained", _TOOL)
 convert_pretrained = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(convert_pretrained)

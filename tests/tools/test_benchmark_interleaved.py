@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location("benchmark_interleaved",
                                                os.path.join(REPO, "tools", "benchmark_interleaved.py"))
 tool = importlib.util.module_from_spec(_spec)

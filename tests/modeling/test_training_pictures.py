@@ -209,7 +209,7 @@ def test_vis_period_refuses_metadata_without_colours():
 
 def test_semi_rcnn_refuses_vis_period():
     """SemiRCNN puts no pictures: SEMI.VIS_PERIOD is an error there, not silently ignored."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "projects", "SemiInstance"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "projects", "SemiInstance"))
     from semi_instance import get_semi_instance_cfg
     from semi_instance.semi_rcnn import SemiRCNN
 

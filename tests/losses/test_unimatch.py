@@ -216,7 +216,7 @@ def _resolved(name, world):
     from semiseg_d2.engine.trainer import SemiSegTrainer
 
     cfg = get_semiseg_cfg()
-    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "configs", name))
+    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "..", "configs", name))
     return SemiSegTrainer.auto_scale_workers(cfg, world)
 
 
@@ -284,7 +284,7 @@ def test_resume_is_exact(tmp_path):
     import shutil
 
     from semiseg_d2.engine.trainer import SemiSegTrainer
-    from tests.test_train_e2e import camvid_semi_cfg
+    from tests.engine.test_train_e2e import camvid_semi_cfg
 
     extra = {"SEMI.LOSSES": ["supervised", "unimatch"], "SEMI.UNIMATCH.THRESHOLD": 0.0, **STUDENT_MODE,
              "SEMI.BURN_IN_ITERS": 1, "SOLVER.CHECKPOINT_PERIOD": 2}  # fmt: skip

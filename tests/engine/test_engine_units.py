@@ -12,7 +12,7 @@ from semiseg_d2.losses.registry import build_loss_terms
 from semiseg_d2.modeling.heads.spec import HeadSpec
 from tests.tiny import apply_overrides
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPEC = HeadSpec("TestHead", num_classes=19, feature_dim=8)
 
 
@@ -198,7 +198,7 @@ def test_evaluation_leaves_the_random_generators_untouched():
     import numpy as np
 
     from semiseg_d2.engine.trainer import SemiSegTrainer
-    from tiny import semi_cfg
+    from tests.tiny import semi_cfg
 
     class Trainer(SemiSegTrainer):
         @classmethod

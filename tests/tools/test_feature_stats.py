@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 from tests.tiny import tiny_cfg
 
 _spec = importlib.util.spec_from_file_location(
-    "feature_stats", os.path.join(os.path.dirname(__file__), "..", "tools", "feature_stats.py")
+    "feature_stats", os.path.join(os.path.dirname(__file__), "..", "..", "tools", "feature_stats.py")
 )
 fs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fs)

@@ -3,7 +3,7 @@ import torch
 from detectron2.engine import launch
 
 from tests.ddp_worker import train_and_dump
-from tests.test_train_e2e import camvid_semi_cfg
+from tests.engine.test_train_e2e import camvid_semi_cfg
 
 
 def test_two_process_semi_training_keeps_ranks_identical(tmp_path):

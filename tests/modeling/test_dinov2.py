@@ -344,7 +344,7 @@ def test_dinov2_configs_build_with_a_tiny_vit(name):
     from semiseg_d2.config import get_semiseg_cfg
 
     cfg = get_semiseg_cfg()
-    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "configs", name))
+    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "..", "configs", name))
     assert cfg.SOLVER.OPTIMIZER == "AdamW" and cfg.SOLVER.BASE_LR == 5e-6 and cfg.SOLVER.HEAD_LR_MULTIPLIER == 40
     assert all(s % 14 == 0 for s in cfg.INPUT.CROP.SIZE)
     if "unimatch_v2" in name:
@@ -365,7 +365,7 @@ def test_benchmark_runs_a_dinov2_config_and_reports_peak_memory(tmp_path, grad_c
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cfg = _semi_vit_cfg(**{"SEMI.LOSSES": ["supervised", "unimatch_v2"], "SEMI.UNIMATCH_V2.THRESHOLD": 0.0})
     path = tmp_path / "tiny_unimatch_v2.yaml"
     path.write_text(cfg.dump())

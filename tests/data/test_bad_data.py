@@ -17,10 +17,10 @@ from semiseg_d2.data.datasets import register_folder_dataset, unregister
 from semiseg_d2.data.datasets.register_camvid import CAMVID_CLASSES
 from semiseg_d2.data.io import UnreadableFileError, read_image
 
-from tests.test_folder_dataset import _copy_frames
+from tests.data.test_folder_dataset import _copy_frames
 from tests.tiny import semi_cfg
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGE_DAMAGE = ("truncated", "empty", "text")
 MASK_DAMAGE = ("mode", "size")
 

@@ -14,7 +14,7 @@ from semiseg_d2.data.build import build_semi_train_loader
 from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainer
 from tests.tiny import apply_overrides, tiny_cfg
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def camvid_semi_cfg(out_dir, max_iter=12, **extra):

@@ -12,7 +12,7 @@ from semiseg_d2.engine.cli import main, merge_overrides
 from semiseg_d2.engine.predictor import network_state_dict
 from semiseg_d2.engine.trainer import RESULTS_FILE, split_per_class
 from detectron2.engine import default_argument_parser
-from tests.test_train_e2e import _write_cfg, camvid_semi_cfg
+from tests.engine.test_train_e2e import _write_cfg, camvid_semi_cfg
 from tests.tiny import tiny_cfg
 
 CAMVID_CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian",

@@ -20,7 +20,7 @@ from semiseg_d2.data.label_io import load_sem_seg
 
 from tests.tiny import BUNDLED_CAMVID, semi_cfg
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FRAMES = sorted(os.listdir(os.path.join(BUNDLED_CAMVID, "train")))  # 41 real CamVid frames (480x360)
 SMALL = (96, 72)  # (w, h): a fifth of the frame keeps the tests fast
 

@@ -20,7 +20,7 @@ from semiseg_d2.losses.step import SemiStep
 from semiseg_d2.modeling.heads import build_sem_seg_head_checked
 from semiseg_d2.modeling.heads.spec import HeadSpec
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pairwise_eq_8_11(pred, labels, s_p, memory, valid, s_z):

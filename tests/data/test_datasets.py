@@ -17,7 +17,7 @@ from semiseg_d2.data.splits.splits import SHIPPED_SPLITS_DIR, entry_id, read_lis
 
 from tests import synthetic_trees as st
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load_tool(name):

@@ -17,7 +17,7 @@ from PIL import Image
 
 from semiseg_d2.data.datasets.register_camvid import CAMVID_CLASSES
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ["supervised_46", "mean_teacher"]
 SEEDS = [0, 1]
 MAX_ITER = 6

@@ -20,7 +20,7 @@ from semiseg_d2.engine.predictor import SemiSegPredictor, network_state_dict
 from tests.tiny import BUNDLED_CAMVID, semi_cfg
 
 _spec = importlib.util.spec_from_file_location(
-    "demo", os.path.join(os.path.dirname(__file__), "..", "tools", "demo.py")
+    "demo", os.path.join(os.path.dirname(__file__), "..", "..", "tools", "demo.py")
 )
 demo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo)
@@ -242,7 +242,7 @@ def test_inputs_that_would_overwrite_each_other_are_refused(tmp_path):
 def test_export_model_shares_the_network_selection(run_files, tmp_path):
     _, weights, exported, state = run_files
     spec = importlib.util.spec_from_file_location(
-        "export_model", os.path.join(os.path.dirname(__file__), "..", "tools", "export_model.py"))
+        "export_model", os.path.join(os.path.dirname(__file__), "..", "..", "tools", "export_model.py"))
     export = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(export)
 
@@ -318,7 +318,7 @@ def test_plain_default_predictor_on_a_trainer_checkpoint_runs_the_default_networ
 
 def test_run_demo_rows_take_the_sequences_in_turn_spread_over_each():
     spec = importlib.util.spec_from_file_location(
-        "run_demo", os.path.join(os.path.dirname(__file__), "..", "tools", "run_demo.py"))
+        "run_demo", os.path.join(os.path.dirname(__file__), "..", "..", "tools", "run_demo.py"))
     run_demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_demo)
     records = [{"file_name": f"/d/{seq}_{i:05d}.png"} for seq, n in (("0001TP", 5), ("0016E5", 9)) for i in range(n)]
