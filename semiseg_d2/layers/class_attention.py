@@ -37,16 +37,26 @@ class ClassBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_classes, dim))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # Also takes x [N, ..., H] with labels [N] (all rows of x[n] of class labels[n]) and mask [N, ...]: rows in
+        # class blocks then read per-class statistics and parameters broadcast, not gathered to every row.
         x = upcast(x)
+        inner = tuple(x.shape[1:-1])
+
+        def per_class(t: torch.Tensor) -> torch.Tensor:  # [C, H] -> [N, 1..., H]
+            return t[labels].view(labels.shape[0], *(1 for _ in inner), t.shape[-1])
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # sum over the rows of every x[n]: [N, ...(, H)] -> [N(, H)]
+            return t.flatten(1, len(inner)).sum(1) if inner else t
+
         if self.training:
             C, H = self.running_mean.shape
-            w = torch.ones_like(labels, dtype=x.dtype) if mask is None else mask.to(x.dtype)
+            w = x.new_ones(x.shape[:-1]) if mask is None else mask.to(x.dtype)
             total = sum_over_ranks if self.sync else (lambda t: t)
-            n = total(x.new_zeros(C).index_add_(0, labels, w))
+            n = total(x.new_zeros(C).index_add_(0, labels, rows(w)))
             denom = n.clamp_min(1.0)[:, None]
-            mean = total(x.new_zeros(C, H).index_add_(0, labels, x * w[:, None])) / denom
-            centred = x - mean[labels]
-            var = total(x.new_zeros(C, H).index_add_(0, labels, centred.square() * w[:, None])) / denom
+            mean = total(x.new_zeros(C, H).index_add_(0, labels, rows(x * w[..., None]))) / denom
+            centred = x - per_class(mean)
+            var = total(x.new_zeros(C, H).index_add_(0, labels, rows(centred.square() * w[..., None]))) / denom
             with torch.no_grad():
                 m = self.momentum
                 present = (n > 0)[:, None]
@@ -57,8 +67,8 @@ class ClassBatchNorm(nn.Module):
                 )
         else:
             mean, var = self.running_mean, self.running_var
-            centred = x - mean[labels]
-        return centred * torch.rsqrt(var[labels] + self.eps) * self.weight[labels] + self.bias[labels]
+            centred = x - per_class(mean)
+        return centred * per_class(torch.rsqrt(var + self.eps)) * per_class(self.weight) + per_class(self.bias)
 
 
 class ClassAttentionSelectors(nn.Module):
@@ -88,22 +98,26 @@ class ClassAttentionSelectors(nn.Module):
         return f"num_classes={self.num_classes}, dim={self.dim}, hidden_dim={self.hidden_dim}"
 
     def _tail(self, h: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        # h [N, ..., H], labels [N] (as ClassBatchNorm) -> [N, ...]
         h = F.leaky_relu(self.norm(h, labels, mask), self.negative_slope)
-        return torch.sigmoid((h * self.weight2[labels]).sum(-1) + self.bias2[labels])
+        inner = (1,) * (h.dim() - 2)
+        w2 = self.weight2[labels].view(labels.shape[0], *inner, self.hidden_dim)
+        return torch.sigmoid((h * w2).sum(-1) + self.bias2[labels].view(labels.shape[0], *inner))
 
     def score_pixels(self, x: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         C = self.num_classes
         labels = labels.clamp(0, C - 1)
-        # Rows in class blocks, each through its own class's first layer only (one bmm): about 4 blocks per class,
-        # so padding adds at most a quarter of the rows and the gathered weights stay ~4C copies.
+        # Rows in class blocks, each through its own class's module (one bmm for the first layer, per-block class
+        # parameters and BN statistics broadcast over the block): about 4 blocks per class, so padding adds at most
+        # a quarter of the rows and the gathered weights stay ~4C copies.
         block = max(64, -(-labels.numel() // (4 * C)))
-        rows, _, block_class, slot = class_row_blocks(labels, C, block)
-        h = torch.bmm(x[rows], self.weight1.to(x.dtype)[block_class]).flatten(0, 1)[slot]
-        h = upcast(h) + self.bias1[labels]
-        return self._tail(h, labels, mask)
+        rows, ok, block_class, slot = class_row_blocks(labels, C, block)
+        h = torch.bmm(x[rows], self.weight1.to(x.dtype)[block_class])  # [G, B, H]
+        h = upcast(h) + self.bias1[block_class][:, None, :]
+        in_stats = ok if mask is None else ok & mask.reshape(-1)[rows]  # padding rows stay out of the statistics
+        return self._tail(h, block_class, in_stats).flatten()[slot]
 
     def score_per_class(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        C, M, _ = x.shape
+        C = x.shape[0]
         h = torch.baddbmm(self.bias1[:, None, :], upcast(x), upcast(self.weight1))  # [C, M, H]
-        labels = torch.arange(C, device=x.device).repeat_interleave(M)
-        return self._tail(h.reshape(C * M, -1), labels, valid.reshape(-1)).view(C, M)
+        return self._tail(h, torch.arange(C, device=x.device), valid)

@@ -132,27 +132,41 @@ def _normalized_grouped_density(
     q: torch.Tensor, b: torch.Tensor, bank_count: torch.Tensor, ks: Sequence[int], max_elements: int
 ) -> torch.Tensor:
     """knn_density_grouped on L2-normalised fp32 (or float64) inputs: q [G, P, D], b [G, N, D], bank_count [G] -> [G, P]."""
-    G, P, _ = q.shape
     N = b.shape[1]
     kmax = min(max(ks), N)
-    if q.device.type == "cpu" and 32 * kmax <= N < _CPU_PARTIAL_SORT_FACTOR * kmax:
+    count = bank_count.to(device=q.device, dtype=torch.long).clamp(0, N)  # [G]
+    top = _top_similarities(q, _pad_for_cpu_topk(b, kmax), count, kmax, max_elements)
+    return _mean_of_topk(top, count[:, None], ks)
+
+
+def _pad_for_cpu_topk(b: torch.Tensor, kmax: int) -> torch.Tensor:
+    N = b.shape[1]
+    if b.device.type == "cpu" and 32 * kmax <= N < _CPU_PARTIAL_SORT_FACTOR * kmax:
         # ATen's CPU top-k switches to its faster heap (partial-sort) path only from N >= 64 k on; a few padding
         # entries (invalid, so never counted) get there. Same values: the padding is -inf like any invalid entry.
         b = F.pad(b, (0, 0, 0, _CPU_PARTIAL_SORT_FACTOR * kmax - N))
+    return b
+
+
+def _top_similarities(
+    q: torch.Tensor, b: torch.Tensor, count: torch.Tensor, kmax: int, max_elements: int
+) -> torch.Tensor:
+    """q [G, P, D], b [G, N', D] (row g's first count[g] entries valid) -> [G, P, kmax]: the kmax largest
+    similarities of every query, descending (-inf past the valid entries). Only bmm, mask and top-k per chunk;
+    the caller reduces them in one pass (per-chunk reductions were a dozen small ops per chunk)."""
+    P = q.shape[1]
     bt = b.transpose(1, 2)  # [G, D, N']
-    count = bank_count.to(device=q.device, dtype=torch.long).clamp(0, N)  # [G]
     invalid = torch.arange(bt.shape[2], device=q.device) >= count[:, None]  # [G, N']
     # Entries before the smallest count are valid in every row: only the columns from there on need the mask.
     # Reading it is free on a CPU; on a GPU it would be a host sync, so there every column is masked.
-    lo = int(count.min()) if q.device.type == "cpu" and G > 0 else 0
-    chunk = max(1, _chunk_elements(q.device, max_elements) // (G * bt.shape[2]))
+    lo = int(count.min()) if q.device.type == "cpu" and q.shape[0] > 0 else 0
+    chunk = max(1, _chunk_elements(q.device, max_elements) // (q.shape[0] * bt.shape[2]))
     out = []
     for start in range(0, P, chunk):
         sim = torch.bmm(q[:, start:start + chunk], bt)  # [G, p, N'], a fresh buffer: masked in place
         sim[:, :, lo:].masked_fill_(invalid[:, None, lo:], float("-inf"))
-        top = sim.topk(kmax, dim=2, largest=True, sorted=True).values
-        out.append(_mean_of_topk(top, count[:, None], ks))
-    return torch.cat(out, dim=1)
+        out.append(sim.topk(kmax, dim=2, largest=True, sorted=True).values)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
 def knn_density_per_class(
@@ -212,8 +226,8 @@ def class_density_blocked(
 
     ``knn_density_grouped`` on the padded ``[C, K]`` layout costs C * K * N * D even when most classes hold
     far fewer than K pixels. Here each class row is cut into blocks of ``block`` queries and only non-empty
-    blocks are computed: at most ``ceil(P / block) + C`` of them (a static bound, so no host sync), each
-    against its own class's bank rows (gathered per chunk of blocks).
+    blocks are computed: on a GPU ``ceil(P / block) + C`` of them (a static bound, so no host sync), on a CPU
+    exactly the non-empty ones, each against its own class's bank rows (gathered per chunk of blocks).
 
     feats: [P, D]; index, valid: [C, K] (valid entries first per row, as ``group_pixels_by_class`` returns);
     bank: [C, N, D]; bank_count: [C]. Returns [C, K] fp32 (0 at invalid entries). Equal to
@@ -230,19 +244,25 @@ def class_density_blocked(
     idx = F.pad(index, (0, pad)).view(C * nb, B)
     ok = F.pad(valid, (0, pad)).view(C * nb, B)
     nonempty = ok[:, 0]
-    G = min(C * nb, -(-P // B) + C)
+    # Reading the number of non-empty blocks is free on a CPU (a host sync on a GPU, which keeps the static bound):
+    # the bound computes every block when most classes are full, e.g. 44 where 35 hold pixels.
+    G = int(nonempty.sum()) if feats.device.type == "cpu" else min(C * nb, -(-P // B) + C)
+    if G == 0:  # no valid pixel at all (CPU)
+        return feats.new_zeros(C, K, dtype=upcast(feats).dtype)
     blocks = torch.argsort((~nonempty).to(torch.uint8), stable=True)[:G]  # non-empty blocks first
     block_cls = torch.div(blocks, nb, rounding_mode="floor")
     with torch.autocast(device_type=feats.device.type, enabled=False):
-        # Normalised once here (row-wise, so the same values as normalising every gathered block).
+        # Normalised (and padded) once here (row-wise, so the same values as normalising every gathered block).
         q = F.normalize(upcast(feats), dim=1)
-        b = F.normalize(upcast(bank), dim=2)
+        kmax = min(max(ks), N)
+        b = _pad_for_cpu_topk(F.normalize(upcast(bank), dim=2), kmax)
+        count = bank_count.to(device=q.device, dtype=torch.long).clamp(0, N)
         chunk = max(1, _chunk_elements(feats.device, max_elements) // (B * N))
-        out = []
+        top = []
         for start in range(0, G, chunk):
             sel, cls = blocks[start:start + chunk], block_cls[start:start + chunk]
-            out.append(_normalized_grouped_density(q[idx[sel]], b[cls], bank_count[cls], ks, max_elements))
-    dens = torch.cat(out)  # [G, B]
+            top.append(_top_similarities(q[idx[sel]], b[cls], count[cls], kmax, max_elements))
+        dens = _mean_of_topk(torch.cat(top), count[block_cls][:, None], ks)  # [G, B]
     full = dens.new_zeros(C * nb + 1, B)
     dump = torch.full_like(blocks, C * nb)
     full.index_copy_(0, torch.where(nonempty[blocks], blocks, dump), dens)

@@ -75,9 +75,15 @@ def density_descending_perturbation(
         feats = decode_features(x)
         _check_dim(flow.dim, feats.shape[1], "perturbed decoder features")
         flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-        nll = -flow.log_prob(flat)
-        # where, not multiply: a non-finite NLL outside the mask must not reach the gradient
-        nll = torch.where(mask.reshape(-1), nll, torch.zeros_like(nll)).sum()
+        keep = mask.reshape(-1)
+        if flat.device.type == "cpu":
+            # The flow is per pixel: only the masked rows' NLL enters L, so only they go through the flow (their
+            # count is free to read on a CPU; a GPU would sync on it, so there every row is evaluated and masked).
+            nll = -flow.log_prob(flat[keep.nonzero().squeeze(1)]).sum()
+        else:
+            nll = -flow.log_prob(flat)
+            # where, not multiply: a non-finite NLL outside the mask must not reach the gradient
+            nll = torch.where(keep, nll, torch.zeros_like(nll)).sum()
         (grad,) = torch.autograd.grad(nll, x)
     direction = F.normalize(upcast(grad), p=2, dim=1, eps=1e-12)
     finite = torch.isfinite(direction).all(dim=1, keepdim=True)

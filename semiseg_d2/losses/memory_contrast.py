@@ -68,8 +68,11 @@ def memory_contrast_loss(
     z_hat = F.normalize(upcast(memory), dim=-1)
     s_z_sum = s_z.sum(1)  # [C]
     m = (s_z[:, :, None] * z_hat).sum(1) / s_z_sum.clamp_min(1e-12)[:, None]  # [C, D]
-    p_hat = F.normalize(upcast(pred), dim=-1)
-    dist = 1.0 - (p_hat * m[lab]).sum(-1)  # [N]: sum_z w_z (1 - cos) / N_z
+    # p^ . m_c as (p . m_c) / max(|p|, eps) (F.normalize's eps): one [N, C] matmul instead of normalised and
+    # gathered [N, D] copies of p and m (and their backward)
+    pred = upcast(pred)
+    cos = (pred @ m.t()).gather(1, lab[:, None]).squeeze(1) / torch.linalg.vector_norm(pred, dim=-1).clamp_min(1e-12)
+    dist = 1.0 - cos  # [N]: sum_z w_z (1 - cos) / N_z
     s_p = upcast(pred_scores) * in_range.float()
     num = dist.new_zeros(C).index_add_(0, lab, s_p * dist)
     den = dist.new_zeros(C).index_add_(0, lab, s_p)
