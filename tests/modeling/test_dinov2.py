@@ -2,8 +2,6 @@
 
 Tiny ViTs (depth 4, width 32) on the CPU; the official model code is the ``dinov2`` package (test-only dependency).
 """
-import copy
-import math
 import warnings
 
 import pytest
