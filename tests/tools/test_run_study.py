@@ -106,7 +106,12 @@ def test_table_is_computed_from_the_runs_metric_files(study):
         assert row["runs"] == "2 of 2"
         assert row["val mIoU"] == _expected_cell(miou)
         assert row["per seed"] == " / ".join(f"{v:.2f}" for v in miou)
-        assert row["peak GPU mem (GiB)"] == "unmeasured (CPU)"
+        rss = []
+        for s in SEEDS:
+            with open(study["runs"] / method / f"seed{s}" / "study_run.json") as f:
+                rss.append(json.load(f)["peak_rss_mib"])
+        assert all(r > 50 for r in rss)  # a torch process with a model: tens of MiB at least, in MiB not KiB
+        assert row["peak mem (GiB)"] == f"{statistics.fmean(r / 1024 for r in rss):.2f} (RSS)"
         if method == "mean_teacher":
             assert row["student mIoU"] == _expected_cell([f["student/sem_seg/mIoU"] for f in finals])
             base = [f["sem_seg/mIoU"] for f in (_final_row(study["runs"] / "supervised_46" / f"seed{s}") for s in SEEDS)]

@@ -3,6 +3,7 @@ write the run's study_run.json."""
 import argparse
 import json
 import os
+import resource
 import time
 
 from .configs import load_cfg, train_net_command
@@ -35,6 +36,10 @@ def child_main(args) -> int:
     wall = time.perf_counter() - start
     peak_alloc = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     peak_reserved = torch.cuda.max_memory_reserved() / 2**20 if cuda else None
+    # ru_maxrss is in KiB on Linux: the training process itself, and the largest of its finished children (the
+    # data-loader workers, which have exited by now); their sum bounds the run's resident memory from above
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss_workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
     semi = is_semi_supervised(cfg)
     networks = [n for n, on in (("student", cfg.TEST.EVAL_STUDENT), ("teacher", cfg.TEST.EVAL_TEACHER)) if on] if semi else [""]
@@ -79,6 +84,8 @@ def child_main(args) -> int:
         "wall_s": wall,
         "peak_mem_allocated_mib": peak_alloc,
         "peak_mem_reserved_mib": peak_reserved,
+        "peak_rss_mib": peak_rss,
+        "peak_rss_worker_mib": peak_rss_workers,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
         "concurrent_runs": int(os.environ.get("RUN_STUDY_CONCURRENT", "1")),

@@ -46,6 +46,7 @@ def summarize(runs: Dict, methods: Sequence[str], seeds: Sequence[int]) -> "Orde
             "student": [r["student_miou"] for r in got if r["student_miou"] is not None],
             "s_per_iter": [r["s_per_iter"] for r in got if r["s_per_iter"] is not None],
             "peak_gib": [r["summary"]["peak_mem_allocated_mib"] / 1024 for r in got if r["summary"].get("peak_mem_allocated_mib")],
+            "rss_gib": [r["summary"]["peak_rss_mib"] / 1024 for r in got if r["summary"].get("peak_rss_mib")],
             "wall_min": [r["summary"]["wall_s"] / 60 for r in got if r["summary"].get("wall_s") is not None],
         }
     return rows
@@ -86,7 +87,7 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
     base_ms = mean_spread(base["miou"]) if base and base["miou"] else None
     lines.append(
         "| method | runs | val mIoU | per seed | Δ vs supervised-46 | Δ > both spreads | student mIoU | s/iter | "
-        "peak GPU mem (GiB) | wall / run (min) |"
+        "peak mem (GiB) | wall / run (min) |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for method, row in rows.items():
@@ -99,19 +100,22 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
             delta = f"{d:+.2f}"
             if s is not None and base_ms[1] is not None:
                 beats = "yes" if d > s + base_ms[1] else "no"
-        peak = _mean_or_none(row["peak_gib"])
+        peak, rss = _mean_or_none(row["peak_gib"]), _mean_or_none(row["rss_gib"])
+        memory = (f"{fmt(peak)} (GPU)" if peak is not None else f"{fmt(rss)} (RSS)" if rss is not None
+                  else "unmeasured" if got else "—")
         lines.append(
             f"| {METHODS[method][1]} (`{method}`) | {len(got)} of {len(seeds)} | {fmt_mean_spread(row['miou'])} | "
             f"{per_seed} | {delta} | {beats} | {fmt_mean_spread(row['student']) if row['student'] else '—'} | "
             f"{fmt(_mean_or_none(row['s_per_iter']), 3)} | "
-            f"{fmt(peak) if peak is not None else 'unmeasured (CPU)' if got else '—'} | "
+            f"{memory} | "
             f"{fmt(_mean_or_none(row['wall_min']), 1)} |"
         )
     lines += [
         "",
         "\"Δ > both spreads\": the mean gain over supervised-46 exceeds the sum of the two rows' standard deviations. "
         "s/iter: mean of detectron2's per-20-iteration `time` over the windows after burn-in (first window left out); "
-        "peak GPU memory: `torch.cuda.max_memory_allocated` over training and evaluation; wall: training + all "
+        "peak mem: `torch.cuda.max_memory_allocated` over training and evaluation on a GPU (GPU), the training "
+        "process's peak resident set (`ru_maxrss`, data-loader workers not included) on the CPU (RSS); wall: training + all "
         "evaluations.",
     ]
     shared = sorted({r["summary"].get("concurrent_runs", 1) for r in runs.values()})
