@@ -9,7 +9,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
 from ..config import NON_NEGATIVE, UNIT, PERCENT, ITERATION, declare
-from ..layers.label_ops import entropy_keep_mask, threshold_keep_mask
+from ..layers.label_ops import class_balanced_keep_mask, entropy_keep_mask, threshold_keep_mask
 from ..utils.dtype import upcast
 from .registry import SEMI_LOSS_REGISTRY, SemiLossTerm
 
@@ -66,9 +66,12 @@ def add_pseudo_label_config(cfg) -> None:
     declare(cfg, "SEMI.PSEUDO_LABEL.WEIGHT", 1.0, NON_NEGATIVE)
     # "none", "threshold" (keep confidence >= THRESHOLD, FixMatch/UniMatch) or
     # "entropy" (drop the DROP_PERCENT * (1 - t) % highest-entropy pixels, U2PL/DGCL; t = progress of the
-    # semi-supervised phase, 0 at the end of BURN_IN_ITERS)
+    # semi-supervised phase, 0 at the end of BURN_IN_ITERS) or
+    # "class_balanced" (keep confidence >= THRESHOLD, or within the CLASS_KEEP_FRACTION most confident pixels of
+    # the pixel's pseudo-label class in the batch: CBST-style class-wise thresholds min(THRESHOLD, q_c))
     cfg.SEMI.PSEUDO_LABEL.FILTER = "threshold"
     declare(cfg, "SEMI.PSEUDO_LABEL.THRESHOLD", 0.95, UNIT)
+    declare(cfg, "SEMI.PSEUDO_LABEL.CLASS_KEEP_FRACTION", 0.5, UNIT)
     declare(cfg, "SEMI.PSEUDO_LABEL.DROP_PERCENT", 20.0, PERCENT)
     # s > 0: weight each pixel by p^s (Alonso et al., s = 6)
     declare(cfg, "SEMI.PSEUDO_LABEL.CONF_POWER", 0.0, NON_NEGATIVE)
@@ -78,6 +81,9 @@ def add_pseudo_label_config(cfg) -> None:
     cfg.SEMI.PSEUDO_LABEL.RAMPUP = "none"  # "none", "sigmoid" (exp(-5(1-t)^2)) or "linear"
     declare(cfg, "SEMI.PSEUDO_LABEL.RAMPUP_ITERS", 0, ITERATION)  # ramp length after burn-in
     declare(cfg, "SEMI.PSEUDO_LABEL.START_ITER", 0, ITERATION)  # term is zero before this iteration (Alonso: 2000)
+
+
+FILTERS = ("none", "threshold", "entropy", "class_balanced")
 
 
 @SEMI_LOSS_REGISTRY.register_term
@@ -99,10 +105,14 @@ class PseudoLabelTerm(SemiLossTerm):
         rampup: str,
         rampup_iters: int,
         start_iter: int,
+        num_classes: int = 0,
+        class_keep_fraction: float = 0.5,
     ):
         super().__init__()
-        if filter not in ("none", "threshold", "entropy"):
-            raise ValueError(f"SEMI.PSEUDO_LABEL.FILTER: unknown '{filter}'; known: none, threshold, entropy")
+        if filter not in FILTERS:
+            raise ValueError(f"SEMI.PSEUDO_LABEL.FILTER: unknown '{filter}'; known: {', '.join(FILTERS)}")
+        if filter == "class_balanced" and num_classes < 1:
+            raise ValueError("SEMI.PSEUDO_LABEL.FILTER 'class_balanced' needs the number of classes (num_classes >= 1)")
         rampup_factor(rampup, 0, 0, 1)  # validates the name early
         self.weight = weight
         self.filter = filter
@@ -113,6 +123,8 @@ class PseudoLabelTerm(SemiLossTerm):
         self.rampup = rampup
         self.rampup_iters = rampup_iters
         self.start_iter = start_iter
+        self.num_classes = num_classes
+        self.class_keep_fraction = class_keep_fraction
 
     @classmethod
     def from_config(cls, cfg, spec):
@@ -127,6 +139,8 @@ class PseudoLabelTerm(SemiLossTerm):
             rampup=c.RAMPUP,
             rampup_iters=c.RAMPUP_ITERS,
             start_iter=c.START_ITER,
+            num_classes=spec.num_classes,
+            class_keep_fraction=c.CLASS_KEEP_FRACTION,
         )
 
     def keep_mask(self, teacher: dict, valid: torch.Tensor, progress: float) -> torch.Tensor:
@@ -134,6 +148,9 @@ class PseudoLabelTerm(SemiLossTerm):
             return threshold_keep_mask(teacher["confidence"], valid, self.threshold)
         if self.filter == "entropy":
             return entropy_keep_mask(teacher["entropy"], valid, self.drop_percent * (1.0 - progress))
+        if self.filter == "class_balanced":
+            return class_balanced_keep_mask(teacher["confidence"], teacher["pseudo_label"], valid, self.threshold,
+                                            self.num_classes, self.class_keep_fraction)
         return valid
 
     def forward(self, step):

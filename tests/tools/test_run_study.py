@@ -334,3 +334,23 @@ def test_finished_runs_are_kept_without_checkpoints(study, tmp_path):
     assert (kept / "metrics.json").read_bytes() == (run / "metrics.json").read_bytes()
     assert len(os.listdir(kept / "predictions")) == 4 and os.path.isfile(tmp_path / "frames" / "frames.json")
     assert is_complete(str(tmp_path), "mean_teacher", 0) and len(copied) >= 9
+
+
+def test_the_report_names_the_cpu_kernels_and_warns_when_runs_used_different_ones(study, tmp_path):
+    import torch
+
+    here = torch.backends.cpu.get_cpu_capability()  # what detectron2's environment dump prints in log.txt
+    assert f"CPU kernels (torch's `CPU capability usage`, each run's log.txt): {here} for every CPU run." in (
+        read_block(str(study["doc"])))
+    root = tmp_path / "runs"
+    with tarfile.open(study["pack"]) as tar:
+        tar.extractall(root)
+    log = root / "mean_teacher" / "seed1" / "log.txt"
+    other = "AVX2" if here != "AVX2" else "AVX512"
+    log.write_text(log.read_text().replace(f"CPU capability usage: {here}", f"CPU capability usage: {other}"))
+    doc = tmp_path / "camvid.md"
+    assert rs.main(["--report", "--runs-root", str(root), "--methods", *METHODS, "--seeds", *map(str, SEEDS),
+                    "--doc", str(doc)]) == 0  # fmt: skip
+    block = read_block(str(doc))
+    assert "**Machines differ**" in block and f"{other} kernels for mean_teacher/seed1." in block
+    assert f"{here} kernels for supervised_46/seed0, supervised_46/seed1, mean_teacher/seed0;" in block

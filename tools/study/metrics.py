@@ -1,6 +1,7 @@
 """Reading run folders: detectron2's metrics.json and the run's study_run.json -> what the report needs."""
 import json
 import os
+import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -88,7 +89,25 @@ def load_run(path: str, method: str, seed: int) -> Dict:
         "network_curves": {n: [(r["iteration"], r[f"{n}/sem_seg/mIoU"]) for r in rows if f"{n}/sem_seg/mIoU" in r]
                            for n in summary.get("networks", []) if n},
         "diagnostics": [r for r in rows if DIAG_PREFIX + "kept_fraction" in r],
+        "cpu_capability": cpu_capability(os.path.join(path, "log.txt")),
     }
+
+
+_CAPABILITY = re.compile(r"CPU capability usage: (\S+)")
+
+
+def cpu_capability(log_path: str) -> Optional[str]:
+    """The CPU kernels torch ran (``AVX2``, ``AVX512``, ...) as detectron2's environment dump at the top of the run's
+    log.txt records them; None without a log or that line. Runs on different kernels round differently, so their
+    trajectories part after a few iterations even for one seed and one commit."""
+    if not os.path.isfile(log_path):
+        return None
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            m = _CAPABILITY.search(line)
+            if m:
+                return m.group(1)
+    return None
 
 
 def _file_bytes(path: str) -> bytes:

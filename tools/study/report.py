@@ -124,6 +124,18 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
             f"**Timing caveat**: runs shared the GPU with up to {max(shared) - 1} other run(s) (`--parallel`); s/iter "
             "and wall time are not those of a dedicated GPU."
         )
+    kernels = OrderedDict()
+    for (method, seed), r in sorted(runs.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])):
+        if r["summary"].get("device") == "cpu" and r.get("cpu_capability"):
+            kernels.setdefault(r["cpu_capability"], []).append(run_name(method, seed))
+    if len(kernels) == 1:
+        lines.append(f"CPU kernels (torch's `CPU capability usage`, each run's log.txt): {next(iter(kernels))} for every CPU run.")
+    elif len(kernels) > 1:
+        lines.append(
+            "**Machines differ**: torch ran " + "; ".join(f"{k} kernels for {', '.join(v)}" for k, v in kernels.items())
+            + ". Runs on different kernels round differently and part after a few iterations, so a seed's paired "
+            "difference across them is not the effect of the method alone."
+        )
     lines += ["", "Per-class val IoU (reported network, mean over seeds):", ""]
     lines.append("| method | " + " | ".join(classes) + " |")
     lines.append("|---" * (len(classes) + 1) + "|")
