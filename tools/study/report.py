@@ -198,7 +198,7 @@ def render_diagnostics(runs: Dict, methods: Sequence[str], seeds: Sequence[int],
     lines += [
         "",
         "Pseudo-labels against the unlabeled frames' ground truth (`SEMI.DIAGNOSTICS`, never read by a loss), last "
-        f"logged row of each run (ratios over its last `SEMI.DIAGNOSTICS.WINDOW` steps, in %): kept = pixels the "
+        "logged row of each run (ratios over its last `SEMI.DIAGNOSTICS.WINDOW` steps, in %): kept = pixels the "
         "filter keeps; kept accuracy = pseudo-label right among kept pixels with ground truth; all = the same without "
         "the filter.",
         "",
