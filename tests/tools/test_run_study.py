@@ -354,3 +354,32 @@ def test_the_report_names_the_cpu_kernels_and_warns_when_runs_used_different_one
     block = read_block(str(doc))
     assert "**Machines differ**" in block and f"{other} kernels for mean_teacher/seed1." in block
     assert f"{here} kernels for supervised_46/seed0, supervised_46/seed1, mean_teacher/seed0;" in block
+
+
+def test_control_runs_are_tabulated_with_what_they_changed_and_their_paired_differences(study, tmp_path):
+    root, controls = tmp_path / "runs", tmp_path / "controls"
+    with tarfile.open(study["pack"]) as tar:
+        tar.extractall(root)
+    control = controls / "plw0" / "mean_teacher" / "seed1"
+    shutil.copytree(root / "mean_teacher" / "seed1", control)
+    summary = json.loads((control / "study_run.json").read_text())
+    summary["overrides"] += ["SEMI.PSEUDO_LABEL.WEIGHT", "0.0"]
+    (control / "study_run.json").write_text(json.dumps(summary))
+    with open(control / "metrics.json") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows[-1 if "teacher/sem_seg/mIoU" in rows[-1] else -2]["teacher/sem_seg/mIoU"] += 1.5  # the control's own result
+    (control / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (controls / "cut" / "mean_teacher" / "seed0").mkdir(parents=True)  # an unfinished control: named, not tabulated
+    doc = tmp_path / "camvid.md"
+    assert rs.main(["--report", "--runs-root", str(root), "--methods", *METHODS, "--seeds", *map(str, SEEDS),
+                    "--doc", str(doc), "--controls-root", str(controls)]) == 0  # fmt: skip
+    header, rows_ = _table(doc, "control")
+    assert len(rows_) == 1
+    row = dict(zip(header, rows_[0]))
+    mt = _final_row(study["runs"] / "mean_teacher" / "seed1")["teacher/sem_seg/mIoU"]
+    sup = _final_row(study["runs"] / "supervised_46" / "seed1")["sem_seg/mIoU"]
+    assert row["run"] == "`mean_teacher/seed1`" and row["changed overrides"] == "`SEMI.PSEUDO_LABEL.WEIGHT 0.0`"
+    assert row["val mIoU"] == f"{mt + 1.5:.2f}"
+    assert row["Δ vs the method's study run"] == "+1.50"
+    assert row["Δ vs supervised-46"] == f"{mt + 1.5 - sup:+.2f}"
+    assert "- `cut/mean_teacher/seed0`: unfinished: no study_run.json" in doc.read_text()

@@ -21,6 +21,8 @@ def parse_args(argv=None, description: str = ""):
     p.add_argument("--report", action="store_true", help="do not train: write the report from --runs-root")
     p.add_argument("--runs-root", nargs="+", default=None, help="run-folder roots read by the report (default: --output-root)")
     p.add_argument("--doc", default=None, help="markdown file whose generated block is (re)written (default: the protocol's)")
+    p.add_argument("--controls-root", default=None, help="control runs (<root>/<control>/<method>/seed<k>/) tabulated "
+                   "in the report beside the study's runs (default: the protocol's; none for gpu)")
     p.add_argument("--figures-dir", default=None, help="where the PNGs go (default: the doc's folder)")
     p.add_argument("--no-report", action="store_true", help="train only")
     p.add_argument("--pack", default=None, metavar="OUT.tar.gz", help="archive the run folders' metrics (no checkpoints)")
@@ -44,6 +46,7 @@ def parse_args(argv=None, description: str = ""):
     args.results_dir = args.results_dir or protocol["results"]
     args.doc = args.doc or protocol["doc"]
     args.figures_dir = args.figures_dir or protocol.get("figures")
+    args.controls_root = args.controls_root or protocol.get("controls")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
@@ -83,7 +86,7 @@ def main(argv=None, description: str = "") -> int:
     import semiseg_d2  # noqa: F401  registers the datasets
 
     if args.report:
-        status = report(report_roots(args), args.methods, args.seeds, args.doc, args.figures_dir)
+        status = report(report_roots(args), args.methods, args.seeds, args.doc, args.figures_dir, args.controls_root)
         if args.pack:
             pack(report_roots(args), args.pack)
         return status

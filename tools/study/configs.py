@@ -34,6 +34,7 @@ PROTOCOLS = {
         "results": os.path.join("docs", "results", "camvid_cpu"),
         "doc": os.path.join("docs", "results", "camvid_cpu.md"),
         "figures": os.path.join("docs", "results", "camvid_cpu"),
+        "controls": os.path.join("docs", "results", "camvid_cpu_controls"),
         "seeds": (0, 1, 2),
     },
 }

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .configs import BASELINE, METHODS, run_name
-from .metrics import DIAG_PREFIX, collect_runs
+from .metrics import DIAG_PREFIX, RunProblem, collect_runs, load_run
 
 DOC_BEGIN = "<!-- run_study.py: begin generated results (do not edit by hand) -->"
 DOC_END = "<!-- run_study.py: end generated results -->"
@@ -61,7 +61,8 @@ def _finite_mean(values):
     return statistics.fmean(finite) if finite else None
 
 
-def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequence[int], figures: Dict[str, str]) -> str:
+def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequence[int], figures: Dict[str, str],
+                 controls: Optional[List[str]] = None) -> str:
     expected = len(methods) * len(seeds)
     lines = [DOC_BEGIN, ""]
     if not runs:
@@ -170,6 +171,7 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
     study_cmds = sorted({r["summary"].get("study_command", "") for r in runs.values()} - {""})
     if study_cmds:
         lines += ["", "Study invocations that produced these runs:", "", "```bash", *study_cmds, "```"]
+    lines += controls or []
     lines += ["", DOC_END]
     return "\n".join(lines) + "\n"
 
@@ -219,6 +221,72 @@ def render_diagnostics(runs: Dict, methods: Sequence[str], seeds: Sequence[int],
         lines.append(f"| `{run_name(m, s)}` | " + " | ".join(cells) + " |")
     if figure:
         lines += ["", f"![pseudo-label diagnostics and teacher vs student]({figure})"]
+    return lines
+
+
+def collect_controls(root: Optional[str]) -> Tuple[List[Dict], List[Tuple[str, str]]]:
+    """Control runs under ``root/<control>/<method>/seed<k>/`` (each a ``--results-dir`` of run_study.py): (complete
+    runs, each with its ``control`` name; (folder, reason) for the others), in name order."""
+    if not root or not os.path.isdir(root):
+        return [], []
+    done, problems = [], []
+    for control in sorted(os.listdir(root)):
+        for method in METHODS:
+            mdir = os.path.join(root, control, method)
+            if not os.path.isdir(mdir):
+                continue
+            for name in sorted(os.listdir(mdir)):
+                if not (name.startswith("seed") and name[4:].isdigit()):
+                    continue
+                path = os.path.join(mdir, name)
+                try:
+                    run = load_run(path, method, int(name[4:]))
+                except RunProblem as e:
+                    problems.append((f"{control}/{method}/{name}", str(e)))
+                    continue
+                run["control"] = control
+                done.append(run)
+    return done, problems
+
+
+def changed_overrides(control: Dict, main: Optional[Dict]) -> str:
+    """The KEY VALUE overrides of a control run that differ from the study's run of the same method and seed
+    (OUTPUT_DIR aside): what the control changed."""
+    if main is None:
+        return "(no study run of this method and seed to compare)"
+    pairs = lambda r: dict(zip(r["summary"]["overrides"][::2], r["summary"]["overrides"][1::2]))  # noqa: E731
+    a, b = pairs(main), pairs(control)
+    changed = [f"`{k} {v}`" for k, v in b.items() if k != "OUTPUT_DIR" and a.get(k) != v]
+    changed += [f"`{k}` unset" for k in a if k not in b and k != "OUTPUT_DIR"]
+    return ", ".join(changed) or "none"
+
+
+def render_controls(controls: Sequence[Dict], problems: Sequence[Tuple[str, str]], runs: Dict, root: str) -> List[str]:
+    """The control runs beside the study's runs of the same seed: what each changed, its figures, and the paired
+    differences to supervised-46 and to the study's run of its method."""
+    if not controls and not problems:
+        return []
+    lines = ["", f"Control runs (`{root}/<control>/<method>/seed<k>/`, generated from their files; Δ = control − "
+             "the study's run of the same seed, same machine only where the kernels agree):", "",
+             "| control | run | changed overrides | CPU kernels | val mIoU | student | Δ vs supervised-46 | "
+             "Δ vs the method's study run | kept / kept accuracy (end, %) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in controls:
+        m, s = c["method"], c["seed"]
+        main, base = runs.get((m, s)), runs.get((BASELINE, s))
+        d_base = f"{c['miou'] - base['miou']:+.2f}" if base else "—"
+        d_main = f"{c['miou'] - main['miou']:+.2f}" if main and m != BASELINE else "—"
+        rows = c["diagnostics"]
+        pct = lambda v: fmt(None if v is None else 100 * v, 1)  # noqa: E731
+        kept = (f"{pct(_last(rows, DIAG_PREFIX + 'kept_fraction'))} / "
+                f"{pct(_last(rows, DIAG_PREFIX + 'kept_accuracy'))}") if rows else "—"
+        lines.append(
+            f"| {c['control']} | `{run_name(m, s)}` | {changed_overrides(c, main)} | {c.get('cpu_capability') or '—'} | "
+            f"{c['miou']:.2f} | {fmt(c['student_miou'])} | {d_base} | {d_main} | {kept} |"
+        )
+    if problems:
+        lines += ["", "Control folders not in the table:", ""]
+        lines += [f"- `{name}`: {reason}" for name, reason in problems]
     return lines
 
 
@@ -349,7 +417,8 @@ def plot_curves(runs: Dict, methods: Sequence[str], path: str) -> bool:
     return True
 
 
-def report(roots: Sequence[str], methods: Sequence[str], seeds: Sequence[int], doc: str, figures_dir: Optional[str]) -> int:
+def report(roots: Sequence[str], methods: Sequence[str], seeds: Sequence[int], doc: str, figures_dir: Optional[str],
+           controls_root: Optional[str] = None) -> int:
     """Write the doc's generated block and the two PNGs; returns EXIT_INCOMPLETE when a run is missing/failed."""
     runs, problems = collect_runs(roots, methods, seeds)
     figures_dir = figures_dir or os.path.dirname(os.path.abspath(doc))
@@ -364,7 +433,10 @@ def report(roots: Sequence[str], methods: Sequence[str], seeds: Sequence[int], d
     doc_dir = os.path.dirname(os.path.abspath(doc))
     figures = {"predictions": os.path.relpath(pred_png, doc_dir), "curves": os.path.relpath(curves_png, doc_dir),
                "diagnostics": os.path.relpath(diag_png, doc_dir) if diag else None}
-    write_doc(doc, render_block(runs, problems, methods, seeds, figures))
+    controls, control_problems = collect_controls(controls_root)
+    all_runs, _ = collect_runs(roots, list(METHODS), seeds) if controls else (runs, {})  # the pairs of any control
+    control_lines = render_controls(controls, control_problems, all_runs, controls_root) if controls_root else []
+    write_doc(doc, render_block(runs, problems, methods, seeds, figures, control_lines))
     print(f"[run_study] report: {len(runs)} of {len(methods) * len(seeds)} runs -> {doc}")
     for (m, s), reason in sorted(problems.items()):
         print(f"[run_study]   {run_name(m, s)}: {reason}", file=sys.stderr)

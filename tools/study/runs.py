@@ -217,7 +217,8 @@ def run_study(args) -> int:
                 print(f"[run_study] {name}: FAILED (exit status {proc.returncode}); see {job[2]}/child.log", file=sys.stderr)
     status = EXIT_INCOMPLETE if failed else 0
     if not args.no_report:
-        status = max(status, report(report_roots(args), args.methods, args.seeds, args.doc, args.figures_dir))
+        status = max(status, report(report_roots(args), args.methods, args.seeds, args.doc, args.figures_dir,
+                                       args.controls_root))
     if args.pack:
         pack([root], args.pack)
     return status
