@@ -320,9 +320,12 @@ def test_cpu_protocol_is_one_file_on_top_of_every_method(tmp_path):
         assert cfg.SOLVER.MAX_ITER == 600  # the scale applies to the protocol's schedule
         if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor":
             assert cfg.SEMI.BURN_IN_ITERS == 150
+            # the CPU protocol's EMA time constant (~20 iterations: the 0.99 teacher lagged its student)
+            assert cfg.SEMI.EMA.MOMENTUM == 0.95
+        assert cfg.SOLVER.CHECKPOINT_PERIOD == 300  # interrupted runs resume (not scaled with the schedule)
         assert cfg.SEMI.DIAGNOSTICS.ENABLED and cfg.SEMI.DIAGNOSTICS.GT_DATASETS == ("camvid_train",)
     gpu = load_cfg(method_config("dgcl"), run_overrides("dgcl", 1, "out", parse_args([])))
-    assert gpu.MODEL.DEVICE == "cuda" and gpu.SOLVER.MAX_ITER == 1000
+    assert gpu.MODEL.DEVICE == "cuda" and gpu.SOLVER.MAX_ITER == 1000 and gpu.SEMI.EMA.MOMENTUM == 0.99
 
 
 def test_finished_runs_are_kept_without_checkpoints(study, tmp_path):
