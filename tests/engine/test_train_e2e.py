@@ -77,10 +77,16 @@ def test_supervised_training_on_camvid_reduces_loss(tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_burn_in_trains_the_student_exactly_as_the_supervised_run(tmp_path):
+@pytest.mark.parametrize("losses", [["supervised", "pseudo_label"], ["supervised", "pseudo_label", "memory_contrast"]])
+def test_burn_in_trains_the_student_exactly_as_the_supervised_run(tmp_path, losses):
     """Same SEED, same labeled set: the semi-supervised run's burn-in steps are the supervised run's steps (same
-    initial weights, same labeled batches), so the student leaves burn-in equal to the supervised model."""
-    semi = camvid_semi_cfg(tmp_path / "semi", max_iter=3, **{"SEMI.BURN_IN_ITERS": 3, "DATASETS.TEST": ()})
+    initial weights, same labeled batches, same dropout masks), so the student leaves burn-in equal to the supervised
+    model -- also with a term whose parameters (memory contrast's projection heads and selectors) are initialised
+    from the global random stream after the student: building the terms leaves that stream as it found it."""
+    semi = camvid_semi_cfg(tmp_path / "semi", max_iter=3, **{
+        "SEMI.BURN_IN_ITERS": 3, "DATASETS.TEST": (), "SEMI.LOSSES": losses,
+        "SEMI.MEMORY_CONTRAST.START_ITER": 3, "SEMI.MEMORY_CONTRAST.PROJECTION_DIM": 16,
+        "MODEL.SEM_SEG_HEAD.DECODER_DROPOUT": 0.5, "MODEL.SEM_SEG_HEAD.ASPP_DROPOUT": 0.5})  # training draws randoms
     sup = semi.clone()
     sup.MODEL.META_ARCHITECTURE = "Segmentor"
     sup.DATASETS.TRAIN = semi.DATASETS.TRAIN_LABELED
