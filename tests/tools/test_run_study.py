@@ -116,6 +116,9 @@ def test_table_is_computed_from_the_runs_metric_files(study):
             assert row["student mIoU"] == _expected_cell([f["student/sem_seg/mIoU"] for f in finals])
             base = [f["sem_seg/mIoU"] for f in (_final_row(study["runs"] / "supervised_46" / f"seed{s}") for s in SEEDS)]
             assert row["Δ vs supervised-46"] == f"{statistics.fmean(miou) - statistics.fmean(base):+.2f}"
+            diffs = [a - b for a, b in zip(miou, base)]
+            assert row["paired Δ per seed (mean ± sd)"] == (
+                " / ".join(f"{d:+.2f}" for d in diffs) + f" ({statistics.fmean(diffs):+.2f} ± {statistics.stdev(diffs):.2f})")
         with open(study["runs"] / method / "seed0" / "study_run.json") as f:
             summary = json.load(f)
         assert summary["peak_mem_allocated_mib"] is None and summary["max_iter"] == MAX_ITER

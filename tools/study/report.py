@@ -87,10 +87,10 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
     base = rows.get(BASELINE)
     base_ms = mean_spread(base["miou"]) if base and base["miou"] else None
     lines.append(
-        "| method | runs | val mIoU | per seed | Δ vs supervised-46 | Δ > both spreads | student mIoU | s/iter | "
-        "peak mem (GiB) | wall / run (min) |"
+        "| method | runs | val mIoU | per seed | Δ vs supervised-46 | Δ > both spreads | paired Δ per seed (mean ± sd) | "
+        "student mIoU | s/iter | peak mem (GiB) | wall / run (min) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for method, row in rows.items():
         got = row["runs"]
         per_seed = " / ".join(f"{r['miou']:.2f}" for r in got) or "—"
@@ -101,19 +101,27 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
             delta = f"{d:+.2f}"
             if s is not None and base_ms[1] is not None:
                 beats = "yes" if d > s + base_ms[1] else "no"
+        paired = "—"
+        if base and method != BASELINE:
+            pairs = [(r["seed"], r["miou"] - runs[(BASELINE, r["seed"])]["miou"]) for r in got if (BASELINE, r["seed"]) in runs]
+            if pairs:
+                diffs = [d for _, d in pairs]
+                m, sd = mean_spread(diffs)
+                paired = " / ".join(f"{d:+.2f}" for d in diffs) + f" ({m:+.2f} ± {fmt(sd)})"
         peak, rss = _mean_or_none(row["peak_gib"]), _mean_or_none(row["rss_gib"])
         memory = (f"{fmt(peak)} (GPU)" if peak is not None else f"{fmt(rss)} (RSS)" if rss is not None
                   else "unmeasured" if got else "—")
         lines.append(
             f"| {METHODS[method][1]} (`{method}`) | {len(got)} of {len(seeds)} | {fmt_mean_spread(row['miou'])} | "
-            f"{per_seed} | {delta} | {beats} | {fmt_mean_spread(row['student']) if row['student'] else '—'} | "
+            f"{per_seed} | {delta} | {beats} | {paired} | {fmt_mean_spread(row['student']) if row['student'] else '—'} | "
             f"{fmt(_mean_or_none(row['s_per_iter']), 3)} | "
             f"{memory} | "
             f"{fmt(_mean_or_none(row['wall_min']), 1)} |"
         )
     lines += [
         "",
-        "\"Δ > both spreads\": the mean gain over supervised-46 exceeds the sum of the two rows' standard deviations. "
+        "\"Δ > both spreads\": the mean gain over supervised-46 exceeds the sum of the two rows' standard deviations; "
+        "paired Δ: the run minus supervised-46 of the same seed (same initial weights and labeled stream), per seed. "
         "s/iter: mean of detectron2's per-20-iteration `time` over the windows after burn-in (first window left out); "
         "peak mem: `torch.cuda.max_memory_allocated` over training and evaluation on a GPU (GPU), the training "
         "process's peak resident set (`ru_maxrss`, data-loader workers not included) on the CPU (RSS); wall: training + all "
