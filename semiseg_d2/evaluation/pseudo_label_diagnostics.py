@@ -15,8 +15,9 @@ step, :class:`PseudoLabelDiagnostics` logs into ``step.metrics`` (the trainer wr
 - ``pl_diag/recall-<class>``: of the ground-truth <class> pixels, the share kept with that pseudo-label;
 - ``pl_diag/kept_share-<class>``: share of the kept pixels pseudo-labelled <class> (class balance of the loss).
 
-A ratio whose denominator is 0 over the window is NaN. "Kept" is ``step.keep_masks["pseudo_label"]`` (the
-pseudo-label filter), or every valid pixel when the run has no such term.
+A ratio whose denominator is 0 over the window is NaN. "Kept" is the keep mask of the first of ``KEEP_MASK_TERMS``
+the step has (``pseudo_label``, ``unimatch``, ``unimatch_v2``: each filters the teacher's maps of the first strong
+stream), or every valid pixel when the run has none of them.
 """
 from collections import deque
 from typing import Dict, Mapping, Sequence, Tuple
@@ -62,15 +63,19 @@ def diagnostic_gt_files(records: Sequence[Dict]) -> Dict[str, Tuple[str, str]]:
     return {r["file_name"]: (r["sem_seg_file_name"], r.get("dataset_name")) for r in records if "sem_seg_file_name" in r}
 
 
+KEEP_MASK_TERMS = ("pseudo_label", "unimatch", "unimatch_v2")
+
+
 class PseudoLabelDiagnostics:
     """Windowed pseudo-label quality against ``diagnostic_sem_seg`` (see the module docstring)."""
 
-    def __init__(self, class_names: Sequence[str], ignore_value: int, window: int = 20, term: str = "pseudo_label"):
+    def __init__(self, class_names: Sequence[str], ignore_value: int, window: int = 20,
+                 terms: Sequence[str] = KEEP_MASK_TERMS):
         if window < 1:
             raise ValueError(f"SEMI.DIAGNOSTICS.WINDOW must be >= 1, got {window}")
         self.class_names = list(class_names)
         self.ignore_value = int(ignore_value)
-        self.term = term
+        self.terms = tuple(terms)
         self.counts = deque(maxlen=int(window))
 
     def ground_truth(self, unlabeled: Sequence[Dict], step, device) -> torch.Tensor:
@@ -89,7 +94,7 @@ class PseudoLabelDiagnostics:
         c = len(self.class_names)
         pseudo = step.teacher_strong["pseudo_label"]
         valid = step.teacher_strong["valid"]
-        kept = step.keep_masks.get(self.term, valid) & valid
+        kept = next((step.keep_masks[t] for t in self.terms if t in step.keep_masks), valid) & valid
         has_gt = gt != self.ignore_value
         right = (pseudo == gt) & has_gt
         scored = kept & has_gt

@@ -118,3 +118,17 @@ def test_missing_ground_truth_dataset_is_named():
     cfg.SEMI.DIAGNOSTICS.GT_DATASETS = ("camvid_mini_val",)  # other frames
     with pytest.raises(KeyError, match="no ground truth"):
         build_semi_train_loader(cfg)
+
+
+@pytest.mark.parametrize("term", ["pseudo_label", "unimatch", "unimatch_v2"])
+def test_kept_pixels_are_those_of_the_runs_filtering_term(term):
+    """UniMatch runs have no pseudo_label term: their kept pixels are the unimatch term's, not every valid pixel."""
+    diag = PseudoLabelDiagnostics(["a", "b"], ignore_value=255)
+    pseudo = torch.tensor([[[0, 1, 1, 0]]])
+    valid = torch.ones(1, 1, 4, dtype=torch.bool)
+    kept = torch.tensor([[[True, False, False, False]]])
+    step = SimpleNamespace(teacher_strong={"pseudo_label": pseudo, "valid": valid}, keep_masks={term: kept})
+    assert float(diag(step, torch.tensor([[[0, 1, 0, 0]]]))["pl_diag/kept_fraction"]) == pytest.approx(1 / 4)
+    none = SimpleNamespace(teacher_strong={"pseudo_label": pseudo, "valid": valid}, keep_masks={"dgcl": kept})
+    assert float(PseudoLabelDiagnostics(["a", "b"], 255)(none, torch.zeros(1, 1, 4, dtype=torch.long))[
+        "pl_diag/kept_fraction"]) == 1.0  # no filtering term: every valid pixel
