@@ -1,17 +1,16 @@
 """Checkpoints that never corrupt the last good one, carry RNG streams and refuse foreign configs."""
 import logging
 import os
-import random
 import re
 import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 
 from ..modeling.backbone.dinov2 import D2DinoV2, convert_official_dinov2, is_official_dinov2
+from ..utils.rng import capture_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -29,30 +28,6 @@ RESUME_FREE_KEYS = (
     "VIS_PERIOD",
     "CUDNN_BENCHMARK",
 )
-
-
-def capture_rng_state() -> Dict:
-    """States of the python, numpy, torch CPU and CUDA generators of this process, as tensors and plain
-    Python values only, so checkpoints load with ``torch.load(weights_only=True)``."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Dict) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _as_tuple(v):

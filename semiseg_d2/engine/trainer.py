@@ -39,7 +39,8 @@ from ..evaluation import build_sem_seg_evaluator
 from ..losses.registry import config_with_dataset_values
 from ..modeling import TeacherStudent, is_semi_supervised
 from ..utils.profiling import hook_scope_name, scope
-from .checkpoint import SemiSegCheckpointer, atomic_write_text, capture_rng_state, restore_rng_state
+from ..utils.rng import capture_rng_state, restore_rng_state
+from .checkpoint import SemiSegCheckpointer, atomic_write_text
 from .hooks import build_ema_hook, unwrap_model
 from .optimizer import build_optimizer
 

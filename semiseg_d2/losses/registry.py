@@ -1,13 +1,11 @@
 """SEMI_LOSS_REGISTRY: the loss terms a semi-supervised run is composed of (``SEMI.LOSSES``)."""
-import random
-from contextlib import contextmanager
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 from detectron2.utils.registry import Registry
 from torch import nn
 
+from ..utils.rng import rng_untouched
 
 
 class LossTermRegistry(Registry):
@@ -114,19 +112,6 @@ def config_with_dataset_values(cfg):
     return out
 
 
-@contextmanager
-def global_rng_untouched():
-    """Run the body on the current random streams (torch CPU, Python ``random``, NumPy), then put them back as
-    they were, as if nothing had drawn from them."""
-    states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(states[0])
-        random.setstate(states[1])
-        np.random.set_state(states[2])
-
-
 def build_loss_terms(cfg, spec, task: str = "sem_seg") -> nn.ModuleDict:
     """Build ``SEMI.LOSSES`` in order, each as ``Term(cfg, spec)``; ``spec`` describes the student outputs the terms
     read (for ``"sem_seg"`` the :class:`~semiseg_d2.modeling.heads.spec.HeadSpec` of the built student's head).
@@ -137,7 +122,7 @@ def build_loss_terms(cfg, spec, task: str = "sem_seg") -> nn.ModuleDict:
     leave them as they found them: the draws training makes afterwards (dropout masks, ...) are then those of a run
     without these terms, so for one ``SEED`` the burn-in of every method is the supervised run, bit for bit, and a
     paired difference measures what the terms do after it (issue #16)."""
-    with global_rng_untouched():
+    with rng_untouched():
         return _build_loss_terms(cfg, spec, task)
 
 
