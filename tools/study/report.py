@@ -102,12 +102,10 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
             if s is not None and base_ms[1] is not None:
                 beats = "yes" if d > s + base_ms[1] else "no"
         paired = "—"
-        if base and method != BASELINE:
-            pairs = [(r["seed"], r["miou"] - runs[(BASELINE, r["seed"])]["miou"]) for r in got if (BASELINE, r["seed"]) in runs]
-            if pairs:
-                diffs = [d for _, d in pairs]
-                m, sd = mean_spread(diffs)
-                paired = " / ".join(f"{d:+.2f}" for d in diffs) + f" ({m:+.2f} ± {fmt(sd)})"
+        diffs = [r["miou"] - runs[(BASELINE, r["seed"])]["miou"] for r in got if (BASELINE, r["seed"]) in runs]
+        if diffs and method != BASELINE:
+            m, sd = mean_spread(diffs)
+            paired = " / ".join(f"{d:+.2f}" for d in diffs) + f" ({m:+.2f} ± {fmt(sd)})"
         peak, rss = _mean_or_none(row["peak_gib"]), _mean_or_none(row["rss_gib"])
         memory = (f"{fmt(peak)} (GPU)" if peak is not None else f"{fmt(rss)} (RSS)" if rss is not None
                   else "unmeasured" if got else "—")
@@ -184,6 +182,11 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
     return "\n".join(lines) + "\n"
 
 
+def _pct(v: Optional[float]) -> str:
+    """A ratio in [0, 1] as a percentage with one decimal ("—" for None)."""
+    return fmt(None if v is None else 100 * v, 1)
+
+
 def _last(rows: Sequence[Dict], key: str) -> Optional[float]:
     values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
     return float(values[-1]) if values else None
@@ -215,16 +218,15 @@ def render_diagnostics(runs: Dict, methods: Sequence[str], seeds: Sequence[int],
         "| run | kept fraction | kept accuracy | all-pixel accuracy |",
         "|---|---|---|---|",
     ]
-    pct = lambda v: fmt(None if v is None else 100 * v, 1)  # noqa: E731
     for m, s in with_diag:
         rows = runs[(m, s)]["diagnostics"]
-        lines.append(f"| `{run_name(m, s)}` | {pct(_last(rows, DIAG_PREFIX + 'kept_fraction'))} | "
-                     f"{pct(_last(rows, DIAG_PREFIX + 'kept_accuracy'))} | {pct(_last(rows, DIAG_PREFIX + 'all_accuracy'))} |")
+        lines.append(f"| `{run_name(m, s)}` | {_pct(_last(rows, DIAG_PREFIX + 'kept_fraction'))} | "
+                     f"{_pct(_last(rows, DIAG_PREFIX + 'kept_accuracy'))} | {_pct(_last(rows, DIAG_PREFIX + 'all_accuracy'))} |")
     lines += ["", "Per class, last logged row (precision / recall / share of the kept pixels, %):", "",
               "| run | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
     for m, s in with_diag:
         rows = runs[(m, s)]["diagnostics"]
-        cells = [" / ".join(pct(_last(rows, f"{DIAG_PREFIX}{kind}-{c}")) for kind in ("precision", "recall", "kept_share"))
+        cells = [" / ".join(_pct(_last(rows, f"{DIAG_PREFIX}{kind}-{c}")) for kind in ("precision", "recall", "kept_share"))
                  for c in classes]
         lines.append(f"| `{run_name(m, s)}` | " + " | ".join(cells) + " |")
     if figure:
@@ -285,9 +287,8 @@ def render_controls(controls: Sequence[Dict], problems: Sequence[Tuple[str, str]
         d_base = f"{c['miou'] - base['miou']:+.2f}" if base else "—"
         d_main = f"{c['miou'] - main['miou']:+.2f}" if main and m != BASELINE else "—"
         rows = c["diagnostics"]
-        pct = lambda v: fmt(None if v is None else 100 * v, 1)  # noqa: E731
-        kept = (f"{pct(_last(rows, DIAG_PREFIX + 'kept_fraction'))} / "
-                f"{pct(_last(rows, DIAG_PREFIX + 'kept_accuracy'))}") if rows else "—"
+        kept = (f"{_pct(_last(rows, DIAG_PREFIX + 'kept_fraction'))} / "
+                f"{_pct(_last(rows, DIAG_PREFIX + 'kept_accuracy'))}") if rows else "—"
         lines.append(
             f"| {c['control']} | `{run_name(m, s)}` | {changed_overrides(c, main)} | {c.get('cpu_capability') or '—'} | "
             f"{c['miou']:.2f} | {fmt(c['student_miou'])} | {d_base} | {d_main} | {kept} |"
@@ -428,7 +429,11 @@ def plot_curves(runs: Dict, methods: Sequence[str], path: str) -> bool:
 def report(roots: Sequence[str], methods: Sequence[str], seeds: Sequence[int], doc: str, figures_dir: Optional[str],
            controls_root: Optional[str] = None) -> int:
     """Write the doc's generated block and the two PNGs; returns EXIT_INCOMPLETE when a run is missing/failed."""
-    runs, problems = collect_runs(roots, methods, seeds)
+    controls, control_problems = collect_controls(controls_root)
+    # one read of the run folders: every method when a control needs the study's run of its method as its pair
+    every, every_problem = collect_runs(roots, list(METHODS) if controls else methods, seeds)
+    runs = {k: v for k, v in every.items() if k[0] in methods}
+    problems = {k: v for k, v in every_problem.items() if k[0] in methods}
     figures_dir = figures_dir or os.path.dirname(os.path.abspath(doc))
     os.makedirs(figures_dir, exist_ok=True)
     pred_png, curves_png = os.path.join(figures_dir, PREDICTIONS_PNG), os.path.join(figures_dir, CURVES_PNG)
@@ -441,9 +446,7 @@ def report(roots: Sequence[str], methods: Sequence[str], seeds: Sequence[int], d
     doc_dir = os.path.dirname(os.path.abspath(doc))
     figures = {"predictions": os.path.relpath(pred_png, doc_dir), "curves": os.path.relpath(curves_png, doc_dir),
                "diagnostics": os.path.relpath(diag_png, doc_dir) if diag else None}
-    controls, control_problems = collect_controls(controls_root)
-    all_runs, _ = collect_runs(roots, list(METHODS), seeds) if controls else (runs, {})  # the pairs of any control
-    control_lines = render_controls(controls, control_problems, all_runs, controls_root) if controls_root else []
+    control_lines = render_controls(controls, control_problems, every, controls_root) if controls_root else []
     write_doc(doc, render_block(runs, problems, methods, seeds, figures, control_lines))
     print(f"[run_study] report: {len(runs)} of {len(methods) * len(seeds)} runs -> {doc}")
     for (m, s), reason in sorted(problems.items()):
