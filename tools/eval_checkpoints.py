@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Evaluate every saved checkpoint of a run from some iteration on: is a gap between two networks at the end a
+property of the run, or of the one iteration at which it was measured?
+
+    python tools/eval_checkpoints.py output/camvid_cpu/mean_teacher/seed2 --from-iter 1140 [--out end.json]
+
+Reads ``<run>/config.yaml`` and the run's checkpoints (``model_<iteration>.pth`` written every
+``SOLVER.CHECKPOINT_PERIOD`` and ``model_final.pth``), loads each one strictly into the run's model and evaluates
+it exactly as ``tools/train_net.py --eval-only`` does (every network the config evaluates: student and teacher for
+a semi-supervised run, ``TEST.EVAL_STUDENT`` / ``TEST.EVAL_TEACHER``). Prints a table and writes JSON
+(default ``<run>/checkpoint_evals.json``):
+
+    {"run_dir", "config", "from_iter", "datasets",
+     "checkpoints": [{"file", "iteration", "mIoU": {network: value}, "IoU": {network: {class: value}}}],
+     "teacher_minus_student": {"values", "mean", "sd", "at_least_zero", "n"}}   (semi-supervised runs only)
+
+``iteration`` is the number of optimizer steps the checkpoint holds (detectron2 names a periodic checkpoint after
+its 0-based last iteration: ``model_0001149.pth`` holds 1150 steps; ``model_final.pth`` holds ``MAX_ITER``).
+Evaluation reads the dataset through ``DETECTRON2_DATASETS`` as training did.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from typing import List, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+_PERIODIC = re.compile(r"^model_(\d{7})\.pth$")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    p.add_argument("--from-iter", type=int, default=0,
+                   help="only checkpoints holding at least this many steps (default: all)")
+    p.add_argument("--out", default=None, help="JSON file (default: <run_dir>/checkpoint_evals.json)")
+    return p.parse_args(argv)
+
+
+def list_checkpoints(run_dir: str, max_iter: int, from_iter: int = 0) -> List[Tuple[int, str]]:
+    """(steps held, path) of the run's checkpoints with at least ``from_iter`` steps, in order of steps;
+    ``model_final.pth`` counts as ``max_iter`` steps (a periodic file of the same step count is left out)."""
+    found = {}
+    for name in os.listdir(run_dir):
+        m = _PERIODIC.match(name)
+        if m:
+            found[int(m.group(1)) + 1] = os.path.join(run_dir, name)
+    final = os.path.join(run_dir, "model_final.pth")
+    if os.path.isfile(final):
+        found[max_iter] = final
+    return [(it, found[it]) for it in sorted(found) if it >= from_iter]
+
+
+def gap_summary(values: List[float]) -> dict:
+    """Mean, sample sd and the count of non-negative values of teacher - student differences."""
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return {"values": values, "mean": mean, "sd": sd, "at_least_zero": sum(v >= 0 for v in values), "n": n}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import semiseg_d2  # noqa: F401  registers the datasets
+    from semiseg_d2.config import get_semiseg_cfg
+    from semiseg_d2.engine.checkpoint import SemiSegCheckpointer
+    from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainer
+    from semiseg_d2.modeling import is_semi_supervised
+
+    config = os.path.join(args.run_dir, "config.yaml")
+    if not os.path.isfile(config):
+        print(f"eval_checkpoints: {config} does not exist (is {args.run_dir} a run's OUTPUT_DIR?)", file=sys.stderr)
+        return 2
+    cfg = get_semiseg_cfg()
+    cfg.merge_from_file(config)
+    cfg.defrost()
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.OUTPUT_DIR = ""  # evaluation only: nothing of the run's folder is rewritten
+    checkpoints = list_checkpoints(args.run_dir, cfg.SOLVER.MAX_ITER, args.from_iter)
+    if not checkpoints:
+        print(f"eval_checkpoints: no model_<iteration>.pth / model_final.pth with >= {args.from_iter} steps in "
+              f"{args.run_dir}", file=sys.stderr)
+        return 2
+    trainer = SemiSegTrainer if is_semi_supervised(cfg) else SegTrainer
+    model = trainer.build_model(cfg)
+    rows = []
+    for iteration, path in checkpoints:
+        SemiSegCheckpointer(model).load(path, checkpointables=[], strict=True)
+        model.eval()
+        by_network = trainer.results_by_network(trainer.test(cfg, model))
+        row = {"file": os.path.basename(path), "iteration": iteration, "mIoU": {}, "IoU": {}}
+        for network, res in by_network.items():
+            sem_seg = (res if len(cfg.DATASETS.TEST) == 1 else res[cfg.DATASETS.TEST[0]])["sem_seg"]
+            row["mIoU"][network] = float(sem_seg["mIoU"])
+            row["IoU"][network] = {  # NaN (class absent from the ground truth and the predictions) -> null
+                k[len("IoU-"):]: (None if v != v else float(v)) for k, v in sem_seg.items() if k.startswith("IoU-")
+            }
+        rows.append(row)
+        print(f"{iteration:>7}  " + "  ".join(f"{n} {v:6.2f}" for n, v in row["mIoU"].items()), flush=True)
+    out = {"run_dir": args.run_dir, "config": config, "from_iter": args.from_iter,
+           "datasets": list(cfg.DATASETS.TEST), "checkpoints": rows}
+    if all({"teacher", "student"} <= set(r["mIoU"]) for r in rows):
+        gaps = gap_summary([r["mIoU"]["teacher"] - r["mIoU"]["student"] for r in rows])
+        out["teacher_minus_student"] = gaps
+        print(f"teacher - student: mean {gaps['mean']:+.2f} (sd {gaps['sd']:.2f}), >= 0 at {gaps['at_least_zero']} "
+              f"of {gaps['n']} checkpoints")
+    path = args.out or os.path.join(args.run_dir, "checkpoint_evals.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
