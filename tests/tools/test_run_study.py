@@ -193,6 +193,10 @@ def test_missing_and_corrupt_runs_are_named_not_averaged(study, tmp_path):
         value = _final_row(study["runs"] / method / f"seed{kept_seed}")[_prefix(method) + "mIoU"]
         assert row["runs"] == "1 of 2"
         assert row["val mIoU"] == _expected_cell([value])
+    # mean_teacher's seed 0 against supervised_46's seed 1: the unpaired Δ is marked, the paired one is empty
+    row = dict(zip(header, _row(rows, "mean_teacher")))
+    assert row["Δ vs supervised-46"].endswith(" †") and row["paired Δ per seed (mean ± sd)"] == "—"
+    assert "† the row's seeds are not supervised-46's" in text
 
 
 def test_finished_runs_are_skipped_and_time_budget_stops_new_ones(study, tmp_path, capsys):

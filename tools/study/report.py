@@ -91,6 +91,8 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
         "student mIoU | s/iter | peak mem (GiB) | wall / run (min) |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    base_seeds = {r["seed"] for r in base["runs"]} if base else set()
+    other_seeds = False  # a row whose seeds are not the baseline's: its unpaired Δ compares other seed sets
     for method, row in rows.items():
         got = row["runs"]
         per_seed = " / ".join(f"{r['miou']:.2f}" for r in got) or "—"
@@ -99,6 +101,9 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
             m, s = mean_spread(row["miou"])
             d = m - base_ms[0]
             delta = f"{d:+.2f}"
+            if {r["seed"] for r in got} != base_seeds:
+                delta += " †"
+                other_seeds = True
             if s is not None and base_ms[1] is not None:
                 beats = "yes" if d > s + base_ms[1] else "no"
         paired = "—"
@@ -125,6 +130,11 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
         "process's peak resident set (`ru_maxrss`, data-loader workers not included) on the CPU (RSS); wall: training + all "
         "evaluations.",
     ]
+    if other_seeds:
+        lines.append(
+            "† the row's seeds are not supervised-46's: its Δ compares means over different seeds (the paired column "
+            "compares the same seeds)."
+        )
     shared = sorted({r["summary"].get("concurrent_runs", 1) for r in runs.values()})
     if shared != [1]:
         lines.append(
