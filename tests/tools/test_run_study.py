@@ -229,10 +229,12 @@ def test_schedule_scale_data_and_only_arguments():
     assert scaled["SEMI.BURN_IN_ITERS"] == str(cfg.SEMI.BURN_IN_ITERS // 2)
     assert scaled["SEMI.DDFP.START_ITER"] == str(cfg.SEMI.DDFP.START_ITER // 2)
     assert scaled["TEST.EVAL_PERIOD"] == str(cfg.TEST.EVAL_PERIOD // 2)
+    assert scaled["SOLVER.CHECKPOINT_PERIOD"] == str(cfg.SOLVER.CHECKPOINT_PERIOD // 2)
     assert scaled["SEMI.DDFP.FLOW_START_ITER"] == str(cfg.SEMI.DDFP.FLOW_START_ITER // 2)
     assert not [k for k in scaled if "MEMORY_CONTRAST" in k]  # terms the run does not use keep their keys
     supervised = schedule_overrides(load_cfg(method_config("supervised_46"), []), 2.0)
-    assert set(supervised[::2]) == {"SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS", "TEST.EVAL_PERIOD"}
+    assert set(supervised[::2]) == {"SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS", "SOLVER.CHECKPOINT_PERIOD",
+                                    "TEST.EVAL_PERIOD"}
     assert schedule_overrides(cfg, 1.0) == []
     mini = load_cfg(method_config("mean_teacher"), data_overrides(cfg, "mini"))
     assert mini.DATASETS.TRAIN_LABELED == ("camvid_mini_train_5_labeled",) and mini.DATASETS.TEST == ("camvid_mini_val",)
@@ -325,11 +327,11 @@ def test_cpu_protocol_is_one_file_on_top_of_every_method(tmp_path):
         assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (180, 240)
         assert cfg.MODEL.RESNETS.STEM_OUT_CHANNELS == 32 and list(cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS) == [16]
         assert cfg.SOLVER.MAX_ITER == 600  # the scale applies to the protocol's schedule
+        assert (cfg.TEST.EVAL_PERIOD, cfg.SOLVER.CHECKPOINT_PERIOD) == (150, 150)  # checkpoints with evaluations
         if cfg.MODEL.META_ARCHITECTURE == "SemiSegmentor":
             assert cfg.SEMI.BURN_IN_ITERS == 150
             # the CPU protocol's EMA time constant (~20 iterations: the 0.99 teacher lagged its student)
             assert cfg.SEMI.EMA.MOMENTUM == 0.95
-        assert cfg.SOLVER.CHECKPOINT_PERIOD == 300  # interrupted runs resume (not scaled with the schedule)
         assert cfg.SEMI.DIAGNOSTICS.ENABLED and cfg.SEMI.DIAGNOSTICS.GT_DATASETS == ("camvid_train",)
     gpu = load_cfg(method_config("dgcl"), run_overrides("dgcl", 1, "out", parse_args([])))
     assert gpu.MODEL.DEVICE == "cuda" and gpu.SOLVER.MAX_ITER == 1000 and gpu.SEMI.EMA.MOMENTUM == 0.99

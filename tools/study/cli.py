@@ -27,7 +27,7 @@ def parse_args(argv=None, description: str = ""):
     p.add_argument("--no-report", action="store_true", help="train only")
     p.add_argument("--pack", default=None, metavar="OUT.tar.gz", help="archive the run folders' metrics (no checkpoints)")
     p.add_argument("--data", choices=("full", "mini"), default="full", help="mini: bundled camvid_mini frames (smoke runs)")
-    p.add_argument("--schedule-scale", type=float, default=1.0, help="multiply MAX_ITER, warm-up, eval period and the iteration counts the terms declare")
+    p.add_argument("--schedule-scale", type=float, default=1.0, help="multiply MAX_ITER, warm-up, eval and checkpoint periods and the iteration counts the terms declare")
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds: start no run expected to end later; stop runs at it")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (they share the GPU: s/iter is then not comparable)")
     p.add_argument("--num-frames", type=int, default=4, help="val frames in the predictions figure")

@@ -70,14 +70,15 @@ def load_cfg(config_file: str, overrides: Sequence[str]):
 
 def schedule_overrides(cfg, scale: float) -> List[str]:
     """KEY VALUE pairs multiplying every iteration count of the schedule by ``scale`` (rounded, >= 1 where > 0):
-    SOLVER.MAX_ITER / WARMUP_ITERS, TEST.EVAL_PERIOD and, for semi-supervised configs, the iteration counts the
+    SOLVER.MAX_ITER / WARMUP_ITERS / CHECKPOINT_PERIOD, TEST.EVAL_PERIOD and, for semi-supervised configs, the iteration counts the
     config and its terms declare (``semiseg_d2.config.schedule_keys``: burn-in, term and bank starts)."""
     from semiseg_d2.config import schedule_keys
     from semiseg_d2.modeling import is_semi_supervised
 
     if scale == 1.0:
         return []
-    keys = ["SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS", "TEST.EVAL_PERIOD"]
+    # the checkpoint period too: a resumed run of a shortened schedule continues from as recent a point
+    keys = ["SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS", "SOLVER.CHECKPOINT_PERIOD", "TEST.EVAL_PERIOD"]
     if is_semi_supervised(cfg):
         keys += schedule_keys(cfg)
     out = []
