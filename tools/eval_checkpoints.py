@@ -2,7 +2,7 @@
 """Evaluate every saved checkpoint of a run from some iteration on: is a gap between two networks at the end a
 property of the run, or of the one iteration at which it was measured?
 
-    python tools/eval_checkpoints.py output/camvid_cpu/mean_teacher/seed2 --from-iter 1140 [--out end.json]
+    python tools/eval_checkpoints.py output/camvid_cpu/mean_teacher/seed2 --from-iter 1140 [--to-iter N] [--out end.json]
 
 Reads ``<run>/config.yaml`` and the run's checkpoints (``model_<iteration>.pth`` written every
 ``SOLVER.CHECKPOINT_PERIOD`` and ``model_final.pth``), loads each one strictly into the run's model and evaluates
@@ -10,7 +10,7 @@ it exactly as ``tools/train_net.py --eval-only`` does (every network the config 
 a semi-supervised run, ``TEST.EVAL_STUDENT`` / ``TEST.EVAL_TEACHER``). Prints a table and writes JSON
 (default ``<run>/checkpoint_evals.json``):
 
-    {"run_dir", "config", "from_iter", "datasets",
+    {"run_dir", "config", "from_iter", "to_iter", "datasets",
      "checkpoints": [{"file", "iteration", "mIoU": {network: value}, "IoU": {network: {class: value}}}],
      "teacher_minus_student": {"values", "mean", "sd", "at_least_zero", "n"}}   (semi-supervised runs only)
 
@@ -24,7 +24,7 @@ import math
 import os
 import re
 import sys
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,12 +37,15 @@ def parse_args(argv=None):
     p.add_argument("run_dir")
     p.add_argument("--from-iter", type=int, default=0,
                    help="only checkpoints holding at least this many steps (default: all)")
+    p.add_argument("--to-iter", type=int, default=None,
+                   help="only checkpoints holding at most this many steps (default: all)")
     p.add_argument("--out", default=None, help="JSON file (default: <run_dir>/checkpoint_evals.json)")
     return p.parse_args(argv)
 
 
-def list_checkpoints(run_dir: str, max_iter: int, from_iter: int = 0) -> List[Tuple[int, str]]:
-    """(steps held, path) of the run's checkpoints with at least ``from_iter`` steps, in order of steps;
+def list_checkpoints(run_dir: str, max_iter: int, from_iter: int = 0, to_iter: Optional[int] = None
+                     ) -> List[Tuple[int, str]]:
+    """(steps held, path) of the run's checkpoints with ``from_iter`` to ``to_iter`` steps, in order of steps;
     ``model_final.pth`` counts as ``max_iter`` steps (a periodic file of the same step count is left out)."""
     found = {}
     for name in os.listdir(run_dir):
@@ -52,7 +55,7 @@ def list_checkpoints(run_dir: str, max_iter: int, from_iter: int = 0) -> List[Tu
     final = os.path.join(run_dir, "model_final.pth")
     if os.path.isfile(final):
         found[max_iter] = final
-    return [(it, found[it]) for it in sorted(found) if it >= from_iter]
+    return [(it, found[it]) for it in sorted(found) if it >= from_iter and (to_iter is None or it <= to_iter)]
 
 
 def gap_summary(values: List[float]) -> dict:
@@ -80,10 +83,11 @@ def main(argv=None) -> int:
     cfg.defrost()
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.OUTPUT_DIR = ""  # evaluation only: nothing of the run's folder is rewritten
-    checkpoints = list_checkpoints(args.run_dir, cfg.SOLVER.MAX_ITER, args.from_iter)
+    checkpoints = list_checkpoints(args.run_dir, cfg.SOLVER.MAX_ITER, args.from_iter, args.to_iter)
     if not checkpoints:
-        print(f"eval_checkpoints: no model_<iteration>.pth / model_final.pth with >= {args.from_iter} steps in "
-              f"{args.run_dir}", file=sys.stderr)
+        upto = "" if args.to_iter is None else f" and <= {args.to_iter}"
+        print(f"eval_checkpoints: no model_<iteration>.pth / model_final.pth with >= {args.from_iter}{upto} steps "
+              f"in {args.run_dir}", file=sys.stderr)
         return 2
     trainer = SemiSegTrainer if is_semi_supervised(cfg) else SegTrainer
     model = trainer.build_model(cfg)
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
             }
         rows.append(row)
         print(f"{iteration:>7}  " + "  ".join(f"{n} {v:6.2f}" for n, v in row["mIoU"].items()), flush=True)
-    out = {"run_dir": args.run_dir, "config": config, "from_iter": args.from_iter,
+    out = {"run_dir": args.run_dir, "config": config, "from_iter": args.from_iter, "to_iter": args.to_iter,
            "datasets": list(cfg.DATASETS.TEST), "checkpoints": rows}
     if all({"teacher", "student"} <= set(r["mIoU"]) for r in rows):
         gaps = gap_summary([r["mIoU"]["teacher"] - r["mIoU"]["student"] for r in rows])

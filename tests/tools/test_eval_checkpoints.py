@@ -30,6 +30,7 @@ def test_checkpoint_files_map_to_the_steps_they_hold(tmp_path):
     assert got == [(1150, str(tmp_path / "model_0001149.pth")), (1190, str(tmp_path / "model_0001189.pth")),
                    (1200, str(tmp_path / "model_final.pth"))]
     assert [it for it, _ in tool.list_checkpoints(str(tmp_path), max_iter=1200)] == [10, 1150, 1190, 1200]
+    assert [it for it, _ in tool.list_checkpoints(str(tmp_path), 1200, from_iter=10, to_iter=1190)] == [10, 1150, 1190]
 
 
 def test_gap_summary():
