@@ -3,14 +3,18 @@
 property of the run, or of the one iteration at which it was measured?
 
     python tools/eval_checkpoints.py output/camvid_cpu/mean_teacher/seed2 --from-iter 1140 [--to-iter N] [--out end.json]
+    python tools/eval_checkpoints.py output/camvid_cpu/mean_teacher/seed2 --from-iter 1200 --precise-bn 100
 
 Reads ``<run>/config.yaml`` and the run's checkpoints (``model_<iteration>.pth`` written every
 ``SOLVER.CHECKPOINT_PERIOD`` and ``model_final.pth``), loads each one strictly into the run's model and evaluates
 it exactly as ``tools/train_net.py --eval-only`` does (every network the config evaluates: student and teacher for
-a semi-supervised run, ``TEST.EVAL_STUDENT`` / ``TEST.EVAL_TEACHER``). Prints a table and writes JSON
-(default ``<run>/checkpoint_evals.json``):
+a semi-supervised run, ``TEST.EVAL_STUDENT`` / ``TEST.EVAL_TEACHER``) on one of its ``DATASETS.TEST`` (``--dataset``,
+default the first). ``--precise-bn N`` first recomputes each evaluated network's BN statistics on the same first N
+batches of the run's labeled training stream (weights fixed): student and teacher then differ by their weights
+only. Prints a table and writes JSON (default ``<run>/checkpoint_evals.json``; IoU null: class absent from ground
+truth and predictions):
 
-    {"run_dir", "config", "from_iter", "to_iter", "datasets",
+    {"run_dir", "config", "from_iter", "to_iter", "dataset", "precise_bn",
      "checkpoints": [{"file", "iteration", "mIoU": {network: value}, "IoU": {network: {class: value}}}],
      "teacher_minus_student": {"values", "mean", "sd", "at_least_zero", "n"}}   (semi-supervised runs only)
 
@@ -20,9 +24,9 @@ Evaluation reads the dataset through ``DETECTRON2_DATASETS`` as training did.
 """
 import argparse
 import json
-import math
 import os
 import re
+import statistics
 import sys
 from typing import List, Optional, Tuple
 
@@ -39,6 +43,12 @@ def parse_args(argv=None):
                    help="only checkpoints holding at least this many steps (default: all)")
     p.add_argument("--to-iter", type=int, default=None,
                    help="only checkpoints holding at most this many steps (default: all)")
+    p.add_argument("--precise-bn", type=int, default=0, metavar="N",
+                   help="before evaluating, recompute every evaluated network's BN statistics on the first N batches "
+                        "of the run's labeled training stream, weights fixed (semiseg_d2.engine.precise_bn; "
+                        "detectron2's TEST.PRECISE_BN). 0 (default): the checkpoint's own statistics")
+    p.add_argument("--dataset", default=None,
+                   help="the DATASETS.TEST entry to evaluate on (default: the run's first)")
     p.add_argument("--out", default=None, help="JSON file (default: <run_dir>/checkpoint_evals.json)")
     return p.parse_args(argv)
 
@@ -61,9 +71,20 @@ def list_checkpoints(run_dir: str, max_iter: int, from_iter: int = 0, to_iter: O
 def gap_summary(values: List[float]) -> dict:
     """Mean, sample sd and the count of non-negative values of teacher - student differences."""
     n = len(values)
-    mean = sum(values) / n if n else float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    mean = statistics.fmean(values) if n else float("nan")
+    sd = statistics.stdev(values) if n > 1 else float("nan")
     return {"values": values, "mean": mean, "sd": sd, "at_least_zero": sum(v >= 0 for v in values), "n": n}
+
+
+def evaluated_networks(cfg, model):
+    """The networks ``test()`` evaluates: student and / or teacher of a semi-supervised model
+    (TEST.EVAL_STUDENT / TEST.EVAL_TEACHER), else the model itself."""
+    from semiseg_d2.modeling import TeacherStudent
+
+    if not isinstance(model, TeacherStudent):
+        return [model]
+    enabled = [("student", cfg.TEST.EVAL_STUDENT), ("teacher", cfg.TEST.EVAL_TEACHER)]
+    return [getattr(model, name) for name, on in enabled if on and getattr(model, name) is not None]
 
 
 def main(argv=None) -> int:
@@ -71,7 +92,9 @@ def main(argv=None) -> int:
     import semiseg_d2  # noqa: F401  registers the datasets
     from semiseg_d2.config import get_semiseg_cfg
     from semiseg_d2.engine.checkpoint import SemiSegCheckpointer
-    from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainer
+    from detectron2.data import MetadataCatalog
+    from semiseg_d2.engine.precise_bn import labeled_batches, recompute_bn_stats
+    from semiseg_d2.engine.trainer import SegTrainer, SemiSegTrainer, split_per_class
     from semiseg_d2.modeling import is_semi_supervised
 
     config = os.path.join(args.run_dir, "config.yaml")
@@ -83,6 +106,18 @@ def main(argv=None) -> int:
     cfg.defrost()
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.OUTPUT_DIR = ""  # evaluation only: nothing of the run's folder is rewritten
+    if not cfg.DATASETS.TEST:
+        print(f"eval_checkpoints: {config} has no DATASETS.TEST to evaluate on", file=sys.stderr)
+        return 2
+    dataset = args.dataset or cfg.DATASETS.TEST[0]
+    if dataset not in cfg.DATASETS.TEST:
+        print(f"eval_checkpoints: --dataset {dataset!r} is not one of the run's DATASETS.TEST "
+              f"{list(cfg.DATASETS.TEST)}", file=sys.stderr)
+        return 2
+    cfg.DATASETS.TEST = (dataset,)
+    if args.precise_bn < 0:
+        print(f"eval_checkpoints: --precise-bn must be >= 0, got {args.precise_bn}", file=sys.stderr)
+        return 2
     checkpoints = list_checkpoints(args.run_dir, cfg.SOLVER.MAX_ITER, args.from_iter, args.to_iter)
     if not checkpoints:
         upto = "" if args.to_iter is None else f" and <= {args.to_iter}"
@@ -91,22 +126,25 @@ def main(argv=None) -> int:
         return 2
     trainer = SemiSegTrainer if is_semi_supervised(cfg) else SegTrainer
     model = trainer.build_model(cfg)
+    classes = MetadataCatalog.get(dataset).stuff_classes
     rows = []
     for iteration, path in checkpoints:
         SemiSegCheckpointer(model).load(path, checkpointables=[], strict=True)
+        if args.precise_bn:
+            for network in evaluated_networks(cfg, model):  # each from the same first N labeled batches
+                recompute_bn_stats(network, labeled_batches(cfg), args.precise_bn)
         model.eval()
         by_network = trainer.results_by_network(trainer.test(cfg, model))
         row = {"file": os.path.basename(path), "iteration": iteration, "mIoU": {}, "IoU": {}}
         for network, res in by_network.items():
-            sem_seg = (res if len(cfg.DATASETS.TEST) == 1 else res[cfg.DATASETS.TEST[0]])["sem_seg"]
-            row["mIoU"][network] = float(sem_seg["mIoU"])
-            row["IoU"][network] = {  # NaN (class absent from the ground truth and the predictions) -> null
-                k[len("IoU-"):]: (None if v != v else float(v)) for k, v in sem_seg.items() if k.startswith("IoU-")
-            }
+            metrics = split_per_class(res["sem_seg"], classes)  # NaN (class absent from both) -> null
+            row["mIoU"][network] = float(metrics["mIoU"])
+            row["IoU"][network] = {c: (None if v.get("IoU") is None else float(v["IoU"]))
+                                   for c, v in metrics.get("per_class", {}).items()}
         rows.append(row)
         print(f"{iteration:>7}  " + "  ".join(f"{n} {v:6.2f}" for n, v in row["mIoU"].items()), flush=True)
     out = {"run_dir": args.run_dir, "config": config, "from_iter": args.from_iter, "to_iter": args.to_iter,
-           "datasets": list(cfg.DATASETS.TEST), "checkpoints": rows}
+           "dataset": dataset, "precise_bn": args.precise_bn, "checkpoints": rows}
     if all({"teacher", "student"} <= set(r["mIoU"]) for r in rows):
         gaps = gap_summary([r["mIoU"]["teacher"] - r["mIoU"]["student"] for r in rows])
         out["teacher_minus_student"] = gaps
