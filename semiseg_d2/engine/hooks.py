@@ -64,3 +64,57 @@ class EMAHook(HookBase):
 def build_ema_hook(cfg) -> EMAHook:
     """The ``EMAHook`` of ``cfg.SEMI.EMA`` (a semi-supervised model lists what it averages: ``ema_pairs()``)."""
     return EMAHook.from_config(cfg)
+
+
+class PreciseBNHook(HookBase):
+    """``TEST.PRECISE_BN`` of this engine (in place of detectron2's ``hooks.PreciseBN``): at every evaluation
+    period (``TEST.EVAL_PERIOD``) and after the last iteration, before checkpointing and evaluation, the BN running
+    statistics of every evaluated network are recomputed with the weights fixed (:mod:`semiseg_d2.engine.precise_bn`)
+    on the first ``TEST.PRECISE_BN.NUM_ITER`` batches of the labeled training stream — the student and the EMA
+    teacher of a semi-supervised model (each on the same batches), or the segmentor.
+
+    Unlike detectron2's hook, which forwards ``self.model`` on the training loader, it never runs a semi-supervised
+    step (that would enqueue memory banks and draw unlabeled batches), draws no random number from the run's
+    generators, and reads the same batches every time, so a resumed run recomputes exactly what the uninterrupted
+    one did. Under DDP each rank recomputes on its share and the statistics are then averaged over ranks."""
+
+    scope_name = "precise_bn"
+
+    def __init__(self, period: int, num_iter: int, batches_fn):
+        if num_iter < 1:
+            raise ValueError(f"TEST.PRECISE_BN.NUM_ITER must be >= 1, got {num_iter}")
+        self.period = int(period)
+        self.num_iter = int(num_iter)
+        self.batches_fn = batches_fn
+
+    @staticmethod
+    def networks(model):
+        from ..modeling import TeacherStudent
+
+        module = unwrap_model(model)
+        if isinstance(module, TeacherStudent):
+            return [n for n in (module.student, module.teacher) if n is not None]
+        return [module]
+
+    def update(self) -> None:
+        from .precise_bn import recompute_bn_stats
+
+        for network in self.networks(self.trainer.model):
+            recompute_bn_stats(network, self.batches_fn(), self.num_iter)
+            average_float_buffers_(network)
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if next_iter == self.trainer.max_iter or (self.period > 0 and next_iter % self.period == 0):
+            self.update()
+
+
+def build_precise_bn_hook(cfg) -> "PreciseBNHook":
+    """The :class:`PreciseBNHook` of ``cfg.TEST.PRECISE_BN`` (its batches: ``precise_bn.labeled_batches(cfg)``,
+    without loader workers)."""
+    from .precise_bn import labeled_batches
+
+    c = cfg.clone()
+    c.defrost()
+    c.DATALOADER.NUM_WORKERS = 0
+    return PreciseBNHook(cfg.TEST.EVAL_PERIOD, cfg.TEST.PRECISE_BN.NUM_ITER, lambda: labeled_batches(c))

@@ -37,7 +37,7 @@ def recompute_bn_stats(network: nn.Module, batches: Iterable[List[dict]], num_it
     """Replace the running mean / var of every BN layer ``network`` trains (``network.train()``; frozen BN,
     ``MODEL.FREEZE_BN``, stays frozen) by their population average over the first ``num_iters`` of ``batches``
     (each a list of dataset dicts, as ``network(batch)`` takes in training mode), weights unchanged. The network's
-    training mode is restored. Returns the number of BN layers recomputed.
+    training mode and ``num_batches_tracked`` are restored. Returns the number of BN layers recomputed.
 
     The training-mode forward draws random numbers (the head's dropout before the decoder's BN): they come from
     torch's generator seeded with ``seed`` for the call, so the statistics are a function of the weights and the
@@ -52,8 +52,12 @@ def recompute_bn_stats(network: nn.Module, batches: Iterable[List[dict]], num_it
     try:
         layers = get_bn_modules(network)
         if layers:
+            tracked = [None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone() for bn in layers]
             stream: Iterator = iter(batches)
             update_bn_stats(network, stream, num_iters)  # raises if the stream ends early
+            for bn, count in zip(layers, tracked):  # these forwards were no training batches
+                if count is not None:
+                    bn.num_batches_tracked.copy_(count)
         return len(layers)
     finally:
         network.train(was_training)

@@ -27,6 +27,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.utils import comm
@@ -41,7 +42,7 @@ from ..modeling import TeacherStudent, is_semi_supervised
 from ..utils.profiling import hook_scope_name, scope
 from ..utils.rng import capture_rng_state, restore_rng_state
 from .checkpoint import SemiSegCheckpointer, atomic_write_text
-from .hooks import build_ema_hook, unwrap_model
+from .hooks import build_ema_hook, build_precise_bn_hook, unwrap_model
 from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -372,6 +373,16 @@ class SegTrainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_deeplab_lr_scheduler(cfg, optimizer)
+
+    def build_hooks(self):
+        """detectron2's default hooks, with its ``PreciseBN`` (which forwards the whole model on the training loader
+        and draws from the run's random generators) replaced by :class:`~semiseg_d2.engine.hooks.PreciseBNHook`
+        in the same place: after the LR scheduler, before checkpointing and evaluation."""
+        ret = super().build_hooks()
+        slot = next((i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PreciseBN)), None)
+        if slot is not None:
+            ret[slot] = build_precise_bn_hook(self.cfg)
+        return ret
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -135,3 +135,48 @@ def test_eval_checkpoints_names_a_bad_dataset_or_count(tmp_path, capsys):
     assert "'nope'" in capsys.readouterr().err
     assert tool.main([str(tmp_path), "--precise-bn", "-1"]) == 2
     assert "--precise-bn" in capsys.readouterr().err
+
+
+def _train(cfg):
+    torch.manual_seed(cfg.SEED)  # what default_setup does before the trainer builds the model
+    trainer = SemiSegTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return trainer
+
+
+def test_test_precise_bn_recomputes_student_and_teacher_after_training_and_changes_nothing_else(tmp_path):
+    from detectron2.engine import hooks as d2_hooks
+
+    from semiseg_d2.engine.hooks import EMAHook, PreciseBNHook
+
+    extra = {"SOLVER.BASE_LR": 0.05}
+    plain = _train(camvid_semi_cfg(tmp_path / "plain", 4, **extra))
+    cfg = camvid_semi_cfg(tmp_path / "pbn", 4, **extra, **{"TEST.PRECISE_BN.ENABLED": True, "TEST.PRECISE_BN.NUM_ITER": 2})
+    precise = _train(cfg)
+
+    kinds = [type(h) for h in precise._hooks]
+    assert PreciseBNHook in kinds and d2_hooks.PreciseBN not in kinds
+    assert kinds.index(EMAHook) < kinds.index(PreciseBNHook) < kinds.index(d2_hooks.PeriodicCheckpointer)
+    assert PreciseBNHook not in [type(h) for h in plain._hooks]
+
+    stats = ("running_mean", "running_var")
+    a, b = plain.model.state_dict(), precise.model.state_dict()
+    for key in a:  # the hook runs after the last step: weights (and every other state) are those of the plain run
+        if not key.endswith(stats):
+            assert torch.equal(a[key], b[key]), key
+    # the plain run's networks, recomputed by hand on the labeled stream, have the precise run's statistics
+    expected = copy.deepcopy(plain.model)
+    for network in (expected.student, expected.teacher):
+        recompute_bn_stats(network, labeled_batches(cfg), 2)
+    e = expected.state_dict()
+    changed = 0
+    for key in b:
+        if key.endswith(stats):
+            torch.testing.assert_close(b[key], e[key], rtol=1e-5, atol=1e-6, msg=key)
+            changed += not torch.equal(a[key], b[key])
+    assert changed > 0 and any(k.startswith("teacher.") and k.endswith(stats) and not torch.equal(a[k], b[k]) for k in b)
+    # the saved final model is the recomputed one
+    saved = torch.load(tmp_path / "pbn" / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    for key in b:
+        assert torch.equal(saved[key], b[key]), key
