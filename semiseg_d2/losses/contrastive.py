@@ -63,7 +63,12 @@ class ProjectedRows:
         self.hidden, self.weight, self.bias = hidden, weight, bias
 
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.hidden[index], self.weight, self.bias)
+        # Under SOLVER.AMP the hidden rows are bf16/fp16 and the weights fp32; rows read outside autocast (the
+        # bank update, after the step) use the weights cast to the hidden rows' dtype: the values autocast's
+        # forward computes. A no-op in fp32, and inside autocast (which casts both operands the same way).
+        weight = self.weight.to(self.hidden.dtype)
+        bias = None if self.bias is None else self.bias.to(self.hidden.dtype)
+        return F.linear(self.hidden[index], weight, bias)
 
     def detach(self) -> "ProjectedRows":
         bias = None if self.bias is None else self.bias.detach()

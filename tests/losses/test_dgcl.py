@@ -365,3 +365,40 @@ def test_projected_rows_equal_the_projection_rows_and_their_gradients():
         head.net[-1].weight.add_(1.0)  # an optimizer step after the forward pass
     assert torch.allclose(frozen[index], full[index], atol=1e-6)
     assert not torch.allclose(rows.detach()[index], full[index], atol=1e-3)
+
+
+def test_projected_rows_of_bf16_hidden_read_outside_autocast_equal_the_autocast_rows():
+    """Under SOLVER.AMP the projection's hidden rows are bf16, its last layer's weights fp32; the bank update
+    reads rows after the step, outside autocast: the values must be those autocast's forward computes."""
+    from semiseg_d2.losses.contrastive import ProjectionHead
+
+    torch.manual_seed(0)
+    head = ProjectionHead(6, 8, 5)
+    x = torch.randn(30, 6)
+    index = torch.tensor([3, 7, 29])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = head(x)
+        rows = head.project_rows(x)
+        inside = rows[index]
+    assert rows.hidden.dtype == torch.bfloat16 and rows.weight.dtype == torch.float32
+    outside = rows.frozen()[index]  # what DGCLTerm.update reads
+    assert outside.dtype == inside.dtype == full.dtype == torch.bfloat16
+    assert torch.equal(outside, full[index]) and torch.equal(inside, full[index])
+
+
+def test_tiny_dgcl_trains_under_bf16_autocast_with_updates_outside_it():
+    torch.manual_seed(0)
+    model = build_model(semi_cfg(**TINY_DGCL))
+    model.train()
+    term = model.terms["dgcl"]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for it in range(4):
+        with EventStorage(it), torch.autocast("cpu", dtype=torch.bfloat16):  # what the trainer does with AMP
+            losses = model(fake_batch(seed=it))
+        assert all(torch.isfinite(v) for v in losses.values())
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+        model.after_optimizer_step()  # outside autocast, as in the trainer
+    assert losses["loss_dgcl"].item() > 0  # the banks were filled by the updates
+    assert all(b.dtype == torch.float32 for b in term.bank.buffers() if b.is_floating_point())
