@@ -395,3 +395,34 @@ def test_control_runs_are_tabulated_with_what_they_changed_and_their_paired_diff
     assert row["Δ vs the method's study run"] == "+1.50"
     assert row["Δ vs supervised-46"] == f"{mt + 1.5 - sup:+.2f}"
     assert "- `cut/mean_teacher/seed0`: unfinished: no study_run.json" in doc.read_text()
+
+
+def test_a_control_with_its_own_supervised_46_is_paired_with_it(study, tmp_path):
+    root, controls = tmp_path / "runs", tmp_path / "controls"
+    with tarfile.open(study["pack"]) as tar:
+        tar.extractall(root)
+
+    def copy_with_shift(method, key, shift):
+        run = controls / "long2x" / method / "seed1"
+        shutil.copytree(root / method / "seed1", run)
+        summary = json.loads((run / "study_run.json").read_text())
+        summary["overrides"] += ["SOLVER.MAX_ITER", "99"]
+        (run / "study_run.json").write_text(json.dumps(summary))
+        with open(run / "metrics.json") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        rows[-1 if key in rows[-1] else -2][key] += shift
+        (run / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    copy_with_shift("supervised_46", "sem_seg/mIoU", 0.7)
+    copy_with_shift("mean_teacher", "teacher/sem_seg/mIoU", 1.5)
+    doc = tmp_path / "camvid.md"
+    assert rs.main(["--report", "--runs-root", str(root), "--methods", *METHODS, "--seeds", *map(str, SEEDS),
+                    "--doc", str(doc), "--controls-root", str(controls)]) == 0  # fmt: skip
+    header, rows_ = _table(doc, "control")
+    by_run = {r["run"]: r for r in (dict(zip(header, row)) for row in rows_)}
+    assert set(by_run) == {"`supervised_46/seed1`", "`mean_teacher/seed1`"}
+    mt = _final_row(study["runs"] / "mean_teacher" / "seed1")["teacher/sem_seg/mIoU"]
+    sup = _final_row(study["runs"] / "supervised_46" / "seed1")["sem_seg/mIoU"]
+    assert by_run["`mean_teacher/seed1`"]["Δ vs supervised-46"] == f"{(mt + 1.5) - (sup + 0.7):+.2f} ‡"
+    assert by_run["`supervised_46/seed1`"]["Δ vs supervised-46"] == f"{0.7:+.2f}"  # itself against the study's
+    assert "‡ against the same control's supervised-46 run of that seed" in doc.read_text()

@@ -291,10 +291,14 @@ def render_controls(controls: Sequence[Dict], problems: Sequence[Tuple[str, str]
              "| control | run | changed overrides | CPU kernels | val mIoU | student | Δ vs supervised-46 | "
              "Δ vs the method's study run | kept / kept accuracy (end, %) |",
              "|---|---|---|---|---|---|---|---|---|"]
+    own_base = {(c["control"], c["seed"]): c for c in controls if c["method"] == BASELINE}
     for c in controls:
         m, s = c["method"], c["seed"]
         main, base = runs.get((m, s)), runs.get((BASELINE, s))
-        d_base = f"{c['miou'] - base['miou']:+.2f}" if base else "—"
+        mark = ""
+        if m != BASELINE and (c["control"], s) in own_base:  # the control changed supervised-46 too: pair with it
+            base, mark = own_base[(c["control"], s)], " ‡"
+        d_base = f"{c['miou'] - base['miou']:+.2f}{mark}" if base else "—"
         d_main = f"{c['miou'] - main['miou']:+.2f}" if main and m != BASELINE else "—"
         rows = c["diagnostics"]
         kept = (f"{_pct(_last(rows, DIAG_PREFIX + 'kept_fraction'))} / "
@@ -303,6 +307,9 @@ def render_controls(controls: Sequence[Dict], problems: Sequence[Tuple[str, str]
             f"| {c['control']} | `{run_name(m, s)}` | {changed_overrides(c, main)} | {c.get('cpu_capability') or '—'} | "
             f"{c['miou']:.2f} | {fmt(c['student_miou'])} | {d_base} | {d_main} | {kept} |"
         )
+    if own_base:
+        lines += ["", "‡ against the same control's supervised-46 run of that seed (a control that changes what every "
+                  "run shares, e.g. the schedule, runs its own baseline); otherwise against the study's."]
     if problems:
         lines += ["", "Control folders not in the table:", ""]
         lines += [f"- `{name}`: {reason}" for name, reason in problems]
