@@ -368,19 +368,26 @@ def test_the_report_names_the_cpu_kernels_and_warns_when_runs_used_different_one
     assert f"{here} kernels for supervised_46/seed0, supervised_46/seed1, mean_teacher/seed0;" in block
 
 
+def _copy_as_control(root, controls, control, method, overrides, key, shift, seed=1):
+    """A control run: the study's run of ``method``/``seed`` copied under ``controls/control``, with ``overrides``
+    appended to its recorded overrides and its final ``key`` figure moved by ``shift`` (the control's own result)."""
+    run = controls / control / method / f"seed{seed}"
+    shutil.copytree(root / method / f"seed{seed}", run)
+    summary = json.loads((run / "study_run.json").read_text())
+    summary["overrides"] += overrides
+    (run / "study_run.json").write_text(json.dumps(summary))
+    with open(run / "metrics.json") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows[-1 if key in rows[-1] else -2][key] += shift
+    (run / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def test_control_runs_are_tabulated_with_what_they_changed_and_their_paired_differences(study, tmp_path):
     root, controls = tmp_path / "runs", tmp_path / "controls"
     with tarfile.open(study["pack"]) as tar:
         tar.extractall(root)
-    control = controls / "plw0" / "mean_teacher" / "seed1"
-    shutil.copytree(root / "mean_teacher" / "seed1", control)
-    summary = json.loads((control / "study_run.json").read_text())
-    summary["overrides"] += ["SEMI.PSEUDO_LABEL.WEIGHT", "0.0"]
-    (control / "study_run.json").write_text(json.dumps(summary))
-    with open(control / "metrics.json") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows[-1 if "teacher/sem_seg/mIoU" in rows[-1] else -2]["teacher/sem_seg/mIoU"] += 1.5  # the control's own result
-    (control / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _copy_as_control(root, controls, "plw0", "mean_teacher", ["SEMI.PSEUDO_LABEL.WEIGHT", "0.0"],
+                     "teacher/sem_seg/mIoU", 1.5)
     (controls / "cut" / "mean_teacher" / "seed0").mkdir(parents=True)  # an unfinished control: named, not tabulated
     doc = tmp_path / "camvid.md"
     assert rs.main(["--report", "--runs-root", str(root), "--methods", *METHODS, "--seeds", *map(str, SEEDS),
@@ -401,20 +408,9 @@ def test_a_control_with_its_own_supervised_46_is_paired_with_it(study, tmp_path)
     root, controls = tmp_path / "runs", tmp_path / "controls"
     with tarfile.open(study["pack"]) as tar:
         tar.extractall(root)
-
-    def copy_with_shift(method, key, shift):
-        run = controls / "long2x" / method / "seed1"
-        shutil.copytree(root / method / "seed1", run)
-        summary = json.loads((run / "study_run.json").read_text())
-        summary["overrides"] += ["SOLVER.MAX_ITER", "99"]
-        (run / "study_run.json").write_text(json.dumps(summary))
-        with open(run / "metrics.json") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        rows[-1 if key in rows[-1] else -2][key] += shift
-        (run / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    copy_with_shift("supervised_46", "sem_seg/mIoU", 0.7)
-    copy_with_shift("mean_teacher", "teacher/sem_seg/mIoU", 1.5)
+    longer = ["SOLVER.MAX_ITER", "99"]
+    _copy_as_control(root, controls, "long2x", "supervised_46", longer, "sem_seg/mIoU", 0.7)
+    _copy_as_control(root, controls, "long2x", "mean_teacher", longer, "teacher/sem_seg/mIoU", 1.5)
     doc = tmp_path / "camvid.md"
     assert rs.main(["--report", "--runs-root", str(root), "--methods", *METHODS, "--seeds", *map(str, SEEDS),
                     "--doc", str(doc), "--controls-root", str(controls)]) == 0  # fmt: skip
