@@ -50,7 +50,7 @@ study-wheels: setup
 	ls .whl
 
 # ---- CamVid CPU study (docs/results/camvid_cpu.md): configs/camvid/protocol_cpu.yaml on top of every study config,
-# 7 methods x seeds 0 1 2; finished runs (docs/results/camvid_cpu/<method>/seed<k>/) are skipped, so it continues.
+# 8 methods x seeds 0 1 2 (2400 iterations: the file's STUDY.SCHEDULE_SCALE 2); finished runs (docs/results/camvid_cpu/<method>/seed<k>/) are skipped, so it continues.
 .PHONY: study-cpu
 study-cpu: setup camvid
 	nice -n 10 $(PY) tools/run_study.py --protocol cpu $(STUDY_ARGS)

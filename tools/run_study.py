@@ -9,7 +9,8 @@ Run the study (each method x seed in its own process; runs whose final metrics e
 
 The CPU protocol (configs/camvid/protocol_cpu.yaml on top of every method's config; `make study-cpu`): runs train
 under output/camvid_cpu, each finished run's metrics files are copied to docs/results/camvid_cpu/<method>/seed<k>/
-(the committed results; runs found there are skipped) and the report is docs/results/camvid_cpu.md:
+(the committed results; runs found there are skipped) and the report is docs/results/camvid_cpu.md. Its schedule
+is the file's base times its STUDY.SCHEDULE_SCALE (2: 2400 iterations); --schedule-scale replaces the factor:
 
     python tools/run_study.py --protocol cpu --methods supervised_46 mean_teacher --seeds 0
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -44,7 +45,9 @@ def _load_tool():
 rs = _load_tool()  # the entry point; it puts tools/ (the study package) on sys.path
 from study.cli import parse_args, parse_only  # noqa: E402
 from study.configs import METHODS as STUDY_METHODS  # noqa: E402
-from study.configs import data_overrides, load_cfg, method_config, run_overrides, schedule_overrides  # noqa: E402
+from study.configs import (  # noqa: E402
+    PROTOCOLS, data_overrides, load_cfg, method_config, protocol_overrides, protocol_settings, run_overrides,
+    schedule_overrides)
 from study.metrics import collect_runs  # noqa: E402
 from study.report import CURVES_PNG, DIAGNOSTICS_PNG, DOC_BEGIN, DOC_END, EXIT_INCOMPLETE  # noqa: E402
 from study.report import PREDICTIONS_PNG, read_block  # noqa: E402
@@ -337,6 +340,44 @@ def test_cpu_protocol_is_one_file_on_top_of_every_method(tmp_path):
     assert gpu.MODEL.DEVICE == "cuda" and gpu.SOLVER.MAX_ITER == 1000 and gpu.SEMI.EMA.MOMENTUM == 0.99
 
 
+def test_cpu_protocol_schedule_is_its_base_times_its_study_scale(tmp_path, monkeypatch):
+    """protocol_cpu.yaml's STUDY.SCHEDULE_SCALE (2) multiplies the base schedule of the file and every iteration
+    count the terms declare; --schedule-scale replaces it (1: the first study's 1200 iterations); STUDY never
+    reaches a config; a wrong STUDY key or value names the file."""
+    args = parse_args(["--protocol", "cpu"])
+    assert args.schedule_scale == 2.0
+    for method, extra in (("supervised_46", {}), ("ddfp", {"SEMI.DDFP.START_ITER": 800, "SEMI.DDFP.FLOW_START_ITER": 600}),
+                          ("memory_contrast", {"SEMI.MEMORY_CONTRAST.START_ITER": 700,
+                                               "SEMI.MEMORY_CONTRAST.BANK_START_ITER": 600})):  # fmt: skip
+        overrides = run_overrides(method, 0, "out", args)
+        assert "STUDY" not in " ".join(overrides[::2])
+        cfg = load_cfg(method_config(method), overrides)
+        once = load_cfg(method_config(method), run_overrides(method, 0, "out", parse_args(["--protocol", "cpu",
+                                                                                           "--schedule-scale", "1"])))
+        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.WARMUP_ITERS, cfg.TEST.EVAL_PERIOD, cfg.SOLVER.CHECKPOINT_PERIOD) == (
+            2400, 100, 600, 600)
+        assert (once.SOLVER.MAX_ITER, once.SOLVER.WARMUP_ITERS, once.TEST.EVAL_PERIOD) == (1200, 50, 300)
+        if method != "supervised_46":
+            assert (cfg.SEMI.BURN_IN_ITERS, once.SEMI.BURN_IN_ITERS) == (600, 300)
+        for key, value in extra.items():
+            node, base = cfg, once
+            for part in key.split("."):
+                node, base = node[part], base[part]
+            assert (node, base) == (value, value // 2), key
+    assert parse_args([]).schedule_scale == 1.0  # the gpu protocol has no file: the study configs as they are
+    bad = tmp_path / "protocol.yaml"
+    for study, message in (("{SCHEDULE_SCALE: 0}", "STUDY.SCHEDULE_SCALE must be a number > 0, got 0"),
+                           ("{SCHEDULE_SCALE: two}", "STUDY.SCHEDULE_SCALE must be a number > 0, got 'two'"),
+                           ("{SCALE: 2}", r"unknown STUDY keys \['SCALE'\]")):  # fmt: skip
+        bad.write_text(f"STUDY: {study}\nSOLVER:\n  MAX_ITER: 10\n")
+        with pytest.raises(ValueError, match=f"{re.escape(str(bad))}: {message}"):
+            protocol_settings(str(bad))
+    bad.write_text("STUDY: {SCHEDULE_SCALE: 3}\nSOLVER:\n  MAX_ITER: 10\n")
+    assert protocol_settings(str(bad))["SCHEDULE_SCALE"] == 3.0 and protocol_overrides(str(bad)) == ["SOLVER.MAX_ITER", "10"]
+    monkeypatch.setitem(PROTOCOLS, "cpu", dict(PROTOCOLS["cpu"], file=str(bad)))
+    assert parse_args(["--protocol", "cpu"]).schedule_scale == 3.0
+
+
 def test_finished_runs_are_kept_without_checkpoints(study, tmp_path):
     run = study["runs"] / "mean_teacher" / "seed0"
     assert (run / "model_final.pth").is_file()
@@ -399,7 +440,7 @@ def test_control_runs_are_tabulated_with_what_they_changed_and_their_paired_diff
     sup = _final_row(study["runs"] / "supervised_46" / "seed1")["sem_seg/mIoU"]
     assert row["run"] == "`mean_teacher/seed1`" and row["changed overrides"] == "`SEMI.PSEUDO_LABEL.WEIGHT 0.0`"
     assert row["val mIoU"] == f"{mt + 1.5:.2f}"
-    assert row["Δ vs the method's study run"] == "+1.50"
+    assert row["Δ vs the method's reference run"] == "+1.50" and row["compared with"] == "study"
     assert row["Δ vs supervised-46"] == f"{mt + 1.5 - sup:+.2f}"
     assert "- `cut/mean_teacher/seed0`: unfinished: no study_run.json" in doc.read_text()
 
@@ -422,3 +463,35 @@ def test_a_control_with_its_own_supervised_46_is_paired_with_it(study, tmp_path)
     assert by_run["`mean_teacher/seed1`"]["Δ vs supervised-46"] == f"{(mt + 1.5) - (sup + 0.7):+.2f} ‡"
     assert by_run["`supervised_46/seed1`"]["Δ vs supervised-46"] == f"{0.7:+.2f}"  # itself against the study's
     assert "‡ against the same control's supervised-46 run of that seed" in doc.read_text()
+
+
+def test_a_control_with_a_reference_file_is_compared_with_that_controls_runs(study, tmp_path):
+    """A control made on another protocol (the 1x schedule) names its reference control in REFERENCE: its changed
+    overrides and both Δ columns are against that control's runs of the same seed, not the study's."""
+    root, controls = tmp_path / "runs", tmp_path / "controls"
+    with tarfile.open(study["pack"]) as tar:
+        tar.extractall(root)
+    shorter = ["SOLVER.MAX_ITER", "7"]
+    _copy_as_control(root, controls, "short", "supervised_46", shorter, "sem_seg/mIoU", -2.0)
+    _copy_as_control(root, controls, "short", "mean_teacher", shorter, "teacher/sem_seg/mIoU", -1.0)
+    _copy_as_control(root, controls, "short_plw0", "mean_teacher", shorter + ["SEMI.PSEUDO_LABEL.WEIGHT", "0.0"],
+                     "teacher/sem_seg/mIoU", -1.25)
+    (controls / "short_plw0" / "REFERENCE").write_text("short\n")
+    doc = tmp_path / "camvid.md"
+    argv = ["--report", "--runs-root", str(root), "--methods", *METHODS, "--seeds", *map(str, SEEDS), "--doc",
+            str(doc), "--controls-root", str(controls)]  # fmt: skip
+    assert rs.main(argv) == 0
+    header, rows_ = _table(doc, "control")
+    rows = {(r["control"], r["run"]): r for r in (dict(zip(header, row)) for row in rows_)}
+    mt = _final_row(study["runs"] / "mean_teacher" / "seed1")["teacher/sem_seg/mIoU"]
+    sup = _final_row(study["runs"] / "supervised_46" / "seed1")["sem_seg/mIoU"]
+    plw0 = rows[("short_plw0", "`mean_teacher/seed1`")]
+    assert plw0["compared with"] == "short" and plw0["changed overrides"] == "`SEMI.PSEUDO_LABEL.WEIGHT 0.0`"
+    assert plw0["Δ vs the method's reference run"] == f"{(mt - 1.25) - (mt - 1.0):+.2f}"
+    assert plw0["Δ vs supervised-46"] == f"{(mt - 1.25) - (sup - 2.0):+.2f}"  # the reference's supervised-46, no ‡
+    short = rows[("short", "`mean_teacher/seed1`")]
+    assert short["compared with"] == "study" and short["changed overrides"] == "`SOLVER.MAX_ITER 7`"
+    assert short["Δ vs supervised-46"] == f"{(mt - 1.0) - (sup - 2.0):+.2f} ‡"
+    (controls / "short_plw0" / "REFERENCE").write_text("nowhere\n")
+    with pytest.raises(ValueError, match="short_plw0/REFERENCE: names 'nowhere', which is not another control"):
+        rs.main(argv)

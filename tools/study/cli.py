@@ -3,7 +3,7 @@ import argparse
 from typing import Sequence
 
 from .child import child_main
-from .configs import METHODS, PROTOCOLS
+from .configs import METHODS, PROTOCOLS, protocol_settings
 from .report import report
 from .runs import pack, report_roots, run_study
 
@@ -27,7 +27,9 @@ def parse_args(argv=None, description: str = ""):
     p.add_argument("--no-report", action="store_true", help="train only")
     p.add_argument("--pack", default=None, metavar="OUT.tar.gz", help="archive the run folders' metrics (no checkpoints)")
     p.add_argument("--data", choices=("full", "mini"), default="full", help="mini: bundled camvid_mini frames (smoke runs)")
-    p.add_argument("--schedule-scale", type=float, default=1.0, help="multiply MAX_ITER, warm-up, eval and checkpoint periods and the iteration counts the terms declare")
+    p.add_argument("--schedule-scale", type=float, default=None, help="multiply MAX_ITER, warm-up, eval and "
+                   "checkpoint periods and the iteration counts the terms declare (default: the protocol file's "
+                   "STUDY.SCHEDULE_SCALE, 2 for cpu; 1 for gpu)")
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds: start no run expected to end later; stop runs at it")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (they share the GPU: s/iter is then not comparable)")
     p.add_argument("--num-frames", type=int, default=4, help="val frames in the predictions figure")
@@ -47,6 +49,11 @@ def parse_args(argv=None, description: str = ""):
     args.doc = args.doc or protocol["doc"]
     args.figures_dir = args.figures_dir or protocol.get("figures")
     args.controls_root = args.controls_root or protocol.get("controls")
+    if args.schedule_scale is None:
+        try:
+            args.schedule_scale = protocol_settings(protocol["file"])["SCHEDULE_SCALE"]
+        except ValueError as e:
+            p.error(str(e))
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")

@@ -91,10 +91,11 @@ def schedule_overrides(cfg, scale: float) -> List[str]:
     return out
 
 
-def protocol_overrides(protocol_file: Optional[str]) -> List[str]:
-    """The protocol YAML as KEY VALUE pairs (``MODEL.DEVICE cpu ...``), in file order; [] without a file."""
-    if protocol_file is None:
-        return []
+# The protocol file's own settings, under its top-level STUDY key (not config keys): name -> default
+STUDY_SETTINGS = {"SCHEDULE_SCALE": 1.0}
+
+
+def _protocol_tree(protocol_file: str) -> dict:
     import yaml
 
     path = os.path.join(ROOT, protocol_file)
@@ -102,6 +103,35 @@ def protocol_overrides(protocol_file: Optional[str]) -> List[str]:
         tree = yaml.safe_load(f)
     if not isinstance(tree, dict) or "_BASE_" in tree:
         raise ValueError(f"{protocol_file}: a protocol is a mapping of config keys (no _BASE_)")
+    return tree
+
+
+def protocol_settings(protocol_file: Optional[str]) -> dict:
+    """The protocol's STUDY settings (``STUDY.SCHEDULE_SCALE``: the factor ``schedule_overrides`` applies to every
+    run's schedule unless ``--schedule-scale`` is given), defaults filled in; a wrong key or value names the file."""
+    settings = dict(STUDY_SETTINGS)
+    if protocol_file is None:
+        return settings
+    study = _protocol_tree(protocol_file).get("STUDY", {})
+    if not isinstance(study, dict):
+        raise ValueError(f"{protocol_file}: STUDY must be a mapping of {sorted(STUDY_SETTINGS)}, got {study!r}")
+    unknown = sorted(set(study) - set(STUDY_SETTINGS))
+    if unknown:
+        raise ValueError(f"{protocol_file}: unknown STUDY keys {unknown}; known: {sorted(STUDY_SETTINGS)}")
+    settings.update(study)
+    scale = settings["SCHEDULE_SCALE"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+        raise ValueError(f"{protocol_file}: STUDY.SCHEDULE_SCALE must be a number > 0, got {scale!r}")
+    settings["SCHEDULE_SCALE"] = float(scale)
+    return settings
+
+
+def protocol_overrides(protocol_file: Optional[str]) -> List[str]:
+    """The protocol YAML's config keys as KEY VALUE pairs (``MODEL.DEVICE cpu ...``), in file order, without its
+    STUDY settings; [] without a file."""
+    if protocol_file is None:
+        return []
+    tree = {k: v for k, v in _protocol_tree(protocol_file).items() if k != "STUDY"}
     out = []
 
     def walk(node, prefix):

@@ -244,13 +244,35 @@ def render_diagnostics(runs: Dict, methods: Sequence[str], seeds: Sequence[int],
     return lines
 
 
+# ``<control>/REFERENCE``: one line naming the control folder whose runs this control is compared with (a control
+# made on another schedule than the study's, e.g. against the 1x protocol's runs in ``protocol_1x``); without it,
+# the study's runs
+REFERENCE_FILE = "REFERENCE"
+
+
+def control_reference(root: str, control: str) -> Optional[str]:
+    """The control folder named by ``root/control/REFERENCE``, or None (compared with the study's runs)."""
+    path = os.path.join(root, control, REFERENCE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    if not name or name == control or not os.path.isdir(os.path.join(root, name)) or "/" in name:
+        raise ValueError(f"{path}: names {name!r}, which is not another control folder under {root}")
+    return name
+
+
 def collect_controls(root: Optional[str]) -> Tuple[List[Dict], List[Tuple[str, str]]]:
     """Control runs under ``root/<control>/<method>/seed<k>/`` (each a ``--results-dir`` of run_study.py): (complete
-    runs, each with its ``control`` name; (folder, reason) for the others), in name order."""
+    runs, each with its ``control`` name and ``reference`` (``control_reference``); (folder, reason) for the
+    others), in name order."""
     if not root or not os.path.isdir(root):
         return [], []
     done, problems = [], []
     for control in sorted(os.listdir(root)):
+        if not os.path.isdir(os.path.join(root, control)):
+            continue
+        reference = control_reference(root, control)
         for method in METHODS:
             mdir = os.path.join(root, control, method)
             if not os.path.isdir(mdir):
@@ -264,16 +286,16 @@ def collect_controls(root: Optional[str]) -> Tuple[List[Dict], List[Tuple[str, s
                 except RunProblem as e:
                     problems.append((f"{control}/{method}/{name}", str(e)))
                     continue
-                run["control"] = control
+                run["control"], run["reference"] = control, reference
                 done.append(run)
     return done, problems
 
 
 def changed_overrides(control: Dict, main: Optional[Dict]) -> str:
-    """The KEY VALUE overrides of a control run that differ from the study's run of the same method and seed
-    (OUTPUT_DIR aside): what the control changed."""
+    """The KEY VALUE overrides of a control run that differ from its reference run of the same method and seed (the
+    study's, or its REFERENCE control's; OUTPUT_DIR aside): what the control changed."""
     if main is None:
-        return "(no study run of this method and seed to compare)"
+        return "(no reference run of this method and seed to compare)"
     pairs = lambda r: dict(zip(r["summary"]["overrides"][::2], r["summary"]["overrides"][1::2]))  # noqa: E731
     a, b = pairs(main), pairs(control)
     changed = [f"`{k} {v}`" for k, v in b.items() if k != "OUTPUT_DIR" and a.get(k) != v]
@@ -282,34 +304,43 @@ def changed_overrides(control: Dict, main: Optional[Dict]) -> str:
 
 
 def render_controls(controls: Sequence[Dict], problems: Sequence[Tuple[str, str]], runs: Dict, root: str) -> List[str]:
-    """The control runs beside the study's runs of the same seed: what each changed, its figures, and the paired
-    differences to supervised-46 and to the study's run of its method."""
+    """The control runs beside their reference runs of the same seed (the study's, or those of the control their
+    REFERENCE file names): what each changed, its figures, and the paired differences to supervised-46 and to the
+    reference run of its method."""
     if not controls and not problems:
         return []
     lines = ["", f"Control runs (`{root}/<control>/<method>/seed<k>/`, generated from their files; Δ = control − "
-             "the study's run of the same seed, same machine only where the kernels agree):", "",
-             "| control | run | changed overrides | CPU kernels | val mIoU | student | Δ vs supervised-46 | "
-             "Δ vs the method's study run | kept / kept accuracy (end, %) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    own_base = {(c["control"], c["seed"]): c for c in controls if c["method"] == BASELINE}
+             "its reference run of the same seed: the study's, or, where the control's `REFERENCE` file names "
+             "one, that control's; same machine only where the kernels agree):", "",
+             "| control | run | compared with | changed overrides | CPU kernels | val mIoU | student | "
+             "Δ vs supervised-46 | Δ vs the method's reference run | kept / kept accuracy (end, %) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    by_control = {(c["control"], c["method"], c["seed"]): c for c in controls}
+    marked = False
     for c in controls:
-        m, s = c["method"], c["seed"]
-        main, base = runs.get((m, s)), runs.get((BASELINE, s))
+        m, s, ref = c["method"], c["seed"], c["reference"]
+        if ref is None:
+            main, base = runs.get((m, s)), runs.get((BASELINE, s))
+        else:
+            main, base = by_control.get((ref, m, s)), by_control.get((ref, BASELINE, s))
         mark = ""
-        if m != BASELINE and (c["control"], s) in own_base:  # the control changed supervised-46 too: pair with it
-            base, mark = own_base[(c["control"], s)], " ‡"
+        own = by_control.get((c["control"], BASELINE, s))
+        if m != BASELINE and own is not None:  # the control changed supervised-46 too: pair with it
+            base, mark = own, " ‡"
+            marked = True
         d_base = f"{c['miou'] - base['miou']:+.2f}{mark}" if base else "—"
         d_main = f"{c['miou'] - main['miou']:+.2f}" if main and m != BASELINE else "—"
         rows = c["diagnostics"]
         kept = (f"{_pct(_last(rows, DIAG_PREFIX + 'kept_fraction'))} / "
                 f"{_pct(_last(rows, DIAG_PREFIX + 'kept_accuracy'))}") if rows else "—"
         lines.append(
-            f"| {c['control']} | `{run_name(m, s)}` | {changed_overrides(c, main)} | {c.get('cpu_capability') or '—'} | "
-            f"{c['miou']:.2f} | {fmt(c['student_miou'])} | {d_base} | {d_main} | {kept} |"
+            f"| {c['control']} | `{run_name(m, s)}` | {ref or 'study'} | {changed_overrides(c, main)} | "
+            f"{c.get('cpu_capability') or '—'} | {c['miou']:.2f} | {fmt(c['student_miou'])} | {d_base} | {d_main} | "
+            f"{kept} |"
         )
-    if own_base:
+    if marked:
         lines += ["", "‡ against the same control's supervised-46 run of that seed (a control that changes what every "
-                  "run shares, e.g. the schedule, runs its own baseline); otherwise against the study's."]
+                  "run shares, e.g. the schedule, runs its own baseline); otherwise against the reference's."]
     if problems:
         lines += ["", "Control folders not in the table:", ""]
         lines += [f"- `{name}`: {reason}" for name, reason in problems]
