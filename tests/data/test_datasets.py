@@ -217,12 +217,32 @@ class TestDatasetConfigs(unittest.TestCase):
         files = [os.path.join(REPO, "configs", d, f) for d in ("camvid", "cityscapes", "voc", "gta5_city")
                  for f in sorted(os.listdir(os.path.join(REPO, "configs", d))) if f.endswith(".yaml")]
         self.assertGreaterEqual(len(files), 8)
+        # a study protocol (configs/<set>/protocol_*.yaml) is not a config of its own: tools/run_study.py passes its
+        # keys as overrides on top of every study_*.yaml of its folder and reads its STUDY settings itself
+        _load_tool("run_study")  # puts tools/ (the study package) on sys.path
+        from study.configs import protocol_overrides, protocol_settings
+
+        checked = []
         for path in files:
-            cfg = get_semiseg_cfg()
-            cfg.merge_from_file(path)  # raises on any undeclared key
-            for name in tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST):
-                self.assertIn(name, DatasetCatalog.list(), path)
-                self.assertEqual(len(MetadataCatalog.get(name).stuff_classes), cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, path)
+            if os.path.basename(path).startswith("protocol_"):
+                self.assertGreater(protocol_settings(path)["SCHEDULE_SCALE"], 0, path)
+                folder = os.path.dirname(path)
+                studies = [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+                           if f.startswith("study_") and f.endswith(".yaml")]
+                self.assertTrue(studies, path)
+                merges = [(study, protocol_overrides(path)) for study in studies]
+            else:
+                merges = [(path, [])]
+            for config, overrides in merges:
+                cfg = get_semiseg_cfg()
+                cfg.merge_from_file(config)  # raises on any undeclared key
+                cfg.merge_from_list(overrides)  # so do the protocol's keys
+                checked.append(path)
+                for name in tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST):
+                    self.assertIn(name, DatasetCatalog.list(), config)
+                    self.assertEqual(len(MetadataCatalog.get(name).stuff_classes),
+                                     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, config)
+        self.assertIn(os.path.join(REPO, "configs", "camvid", "protocol_cpu.yaml"), checked)
 
 
 class TestPrepareCamVid(st.TreeCase):
