@@ -20,10 +20,14 @@ Only write the report from existing run folders (several roots, e.g. unpacked --
 
 Every run folder ``<root>/<method>/seed<k>/`` holds detectron2's ``metrics.json`` (losses, per-iteration ``time``,
 every evaluation), ``config.yaml``, ``log.txt``, ``study_run.json`` (status, command, wall time, peak GPU
-memory, device) and ``predictions/<frame>.png`` (label maps of the reported network on the figure's val
+memory, device, torch threads) and ``predictions/<frame>.png`` (label maps of the reported network on the figure's val
 frames); ``<root>/frames/`` holds those frames and their ground truth. The report reads only these files: the
 table's numbers are the final evaluation rows of each run's ``metrics.json``. A run that is missing, unfinished
 or unreadable is named in the report and left out of the means (exit status 3).
+
+Several runs at once (``--parallel N``) share the cores: without ``OMP_NUM_THREADS`` each run gets cores // N
+threads (torch's default of one per core in every run slows them all down many-fold); a set value is kept, with a
+warning when it oversubscribes the cores.
 
 Runs train exactly as ``tools/train_net.py --config-file <method config> SEED <k> OUTPUT_DIR <run dir> ...``
 (the report lists that command per run). Extra ``KEY VALUE`` pairs at the end apply to every run.

@@ -51,7 +51,7 @@ from study.configs import (  # noqa: E402
 from study.metrics import collect_runs  # noqa: E402
 from study.report import CURVES_PNG, DIAGNOSTICS_PNG, DOC_BEGIN, DOC_END, EXIT_INCOMPLETE  # noqa: E402
 from study.report import PREDICTIONS_PNG, read_block  # noqa: E402
-from study.runs import is_complete, keep_results  # noqa: E402
+from study.runs import child_env, is_complete, keep_results  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +222,24 @@ def test_finished_runs_are_skipped_and_time_budget_stops_new_ones(study, tmp_pat
     assert "supervised_46/seed1: not started" in capsys.readouterr().out
     assert not (root / "supervised_46" / "seed1").exists()
     assert "`supervised_46/seed1`: no run folder" in (tmp_path / "camvid.md").read_text()
+
+
+def test_parallel_runs_divide_the_cores_and_each_run_records_its_threads(study):
+    env, warning = child_env(2, {"PATH": "/bin"}, cpu_count=2)
+    assert env["OMP_NUM_THREADS"] == "1" and env["RUN_STUDY_CONCURRENT"] == "2" and env["PATH"] == "/bin"
+    assert warning is None
+    assert child_env(3, {}, cpu_count=8)[0]["OMP_NUM_THREADS"] == "2"
+    assert child_env(4, {}, cpu_count=2)[0]["OMP_NUM_THREADS"] == "1"  # never 0
+    assert "OMP_NUM_THREADS" not in child_env(1, {}, cpu_count=2)[0]  # one run: torch's own default
+    env, warning = child_env(2, {"OMP_NUM_THREADS": "2"}, cpu_count=2)  # the user's setting is kept, and named
+    assert env["OMP_NUM_THREADS"] == "2"
+    assert "OMP_NUM_THREADS=2 x --parallel 2 runs = 4 threads on 2 cores" in warning and "OMP_NUM_THREADS=1" in warning
+    assert child_env(2, {"OMP_NUM_THREADS": "1"}, cpu_count=2)[1] is None
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS must be a whole number.*'two'"):
+        child_env(2, {"OMP_NUM_THREADS": "two"}, cpu_count=2)
+    for method in METHODS:  # the fixture's study ran with OMP_NUM_THREADS=1
+        with open(study["runs"] / method / "seed0" / "study_run.json") as f:
+            assert json.load(f)["torch_threads"] == 1
 
 
 def test_schedule_scale_data_and_only_arguments():

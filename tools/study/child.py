@@ -89,6 +89,7 @@ def child_main(args) -> int:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
         "concurrent_runs": int(os.environ.get("RUN_STUDY_CONCURRENT", "1")),
+        "torch_threads": torch.get_num_threads(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     tmp = os.path.join(cfg.OUTPUT_DIR, "study_run.json.tmp")
