@@ -1,7 +1,11 @@
 # Two entry points (see README.md): `make demo` and `make test`. Both set up .venv first (idempotent).
 PY := .venv/bin/python
 export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
-# Keep CPU runs predictable on small machines.
+# Keep CPU runs predictable on small machines. (Unless set by the caller, the CPU study leaves it unset: its
+# tools/run_study.py then gives each of `--parallel N` runs cores // N threads.)
+ifeq ($(origin OMP_NUM_THREADS),undefined)
+STUDY_CPU_ENV := env -u OMP_NUM_THREADS
+endif
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: setup demo test camvid clean-venv
@@ -53,4 +57,4 @@ study-wheels: setup
 # 8 methods x seeds 0 1 2 (2400 iterations: the file's STUDY.SCHEDULE_SCALE 2); finished runs (docs/results/camvid_cpu/<method>/seed<k>/) are skipped, so it continues.
 .PHONY: study-cpu
 study-cpu: setup camvid
-	nice -n 10 $(PY) tools/run_study.py --protocol cpu $(STUDY_ARGS)
+	$(STUDY_CPU_ENV) nice -n 10 $(PY) tools/run_study.py --protocol cpu $(STUDY_ARGS)
