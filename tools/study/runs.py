@@ -139,8 +139,10 @@ def child_env(parallel: int, environ: Optional[Dict[str, str]] = None, cpu_count
     per core in every run oversubscribes the cores, and OpenMP's waiting threads then slow every run down many-fold
     (2 runs x 2 threads on 2 cores: 6-12 s per burn-in iteration of the CPU study against 0.24 s with 1 thread each).
     A set ``OMP_NUM_THREADS`` is kept as it is; the warning names it when it oversubscribes the cores."""
-    environ = dict(os.environ if environ is None else environ)
-    cpu_count = cpu_count or os.cpu_count() or 1
+    from semiseg_d2.data.io import default_num_workers  # the CPUs this process may use (affinity, not all cores)
+
+    environ = os.environ if environ is None else environ
+    cpu_count = cpu_count or default_num_workers()
     env = dict(environ, RUN_STUDY_CONCURRENT=str(parallel), PYTHONUNBUFFERED="1")
     warning = None
     if "OMP_NUM_THREADS" in environ:
