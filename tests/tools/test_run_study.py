@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 from PIL import Image
@@ -51,6 +52,7 @@ from study.configs import (  # noqa: E402
 from study.metrics import collect_runs  # noqa: E402
 from study.report import CURVES_PNG, DIAGNOSTICS_PNG, DOC_BEGIN, DOC_END, EXIT_INCOMPLETE  # noqa: E402
 from study.report import PREDICTIONS_PNG, read_block  # noqa: E402
+from study.registry import RunRecord, max_concurrent, read_records  # noqa: E402
 from study.runs import child_env, is_complete, keep_results  # noqa: E402
 
 
@@ -61,7 +63,12 @@ def study(tmp_path_factory):
     cmd = [sys.executable, os.path.join(ROOT, "tools", "run_study.py"), "--methods", *METHODS,
            "--seeds", *map(str, SEEDS), "--data", "mini", "--output-root", str(runs), "--doc", str(doc),
            "--pack", str(pack), *TINY]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    # a run of another driver on this machine, all through the study (the runs must count it as beside them)
+    registry = base / "registry"
+    registry.mkdir()
+    now = time.time()
+    (registry / "1-0.json").write_text(json.dumps({"pid": 1, "output_dir": "elsewhere", "start": now - 10, "end": now + 86400}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, RUN_STUDY_REGISTRY=str(registry))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"base": base, "runs": runs, "doc": doc, "pack": pack, "stdout": proc.stdout}
@@ -240,6 +247,49 @@ def test_parallel_runs_divide_the_cores_and_each_run_records_its_threads(study):
     for method in METHODS:  # the fixture's study ran with OMP_NUM_THREADS=1
         with open(study["runs"] / method / "seed0" / "study_run.json") as f:
             assert json.load(f)["torch_threads"] == 1
+
+
+def test_concurrent_runs_count_every_driver_on_the_machine(study, tmp_path):
+    # the fixture's study ran its runs one at a time (--parallel 1) beside another driver's run: each counts 2
+    for method in METHODS:
+        for seed in SEEDS:
+            with open(study["runs"] / method / f"seed{seed}" / "study_run.json") as f:
+                summary = json.load(f)
+            assert (summary["concurrent_runs"], summary["parallel"]) == (2, 1), (method, seed)
+    assert "shared the machine with up to 1 other study run(s)" in read_block(str(study["doc"]))
+
+    # the sweep: the most records overlapping one instant of the window, the run itself at least
+    rec = lambda a, b: {"start": a, "end": b}  # noqa: E731
+    assert max_concurrent([rec(0, 10)], 0, 10) == 1
+    assert max_concurrent([rec(0, 10), rec(2, 4), rec(5, 8)], 0, 10) == 2  # two others, one after the other
+    assert max_concurrent([rec(0, 10), rec(2, 6), rec(5, 8)], 0, 10) == 3
+    assert max_concurrent([rec(0, 10), rec(10, 12)], 0, 10) == 2  # starts as it ends: they touch
+    assert max_concurrent([rec(0, 10), rec(11, 12), rec(-5, -1)], 0, 10) == 1  # outside the window
+    assert max_concurrent([], 0, 10) == 1
+
+    # records: a finished run's end; a dead run without end ran until its last heartbeat; a live one runs now
+    registry = tmp_path / "reg"
+    registry.mkdir()
+    now = time.time()
+    (registry / "a.json").write_text(json.dumps({"pid": 999999999, "start": now - 100, "end": now - 50}))
+    (registry / "b.json").write_text(json.dumps({"pid": 999999999, "start": now - 100, "end": None}))
+    os.utime(registry / "b.json", (now - 30, now - 30))
+    (registry / "c.json").write_text(json.dumps({"pid": os.getpid(), "start": now - 100, "end": None}))
+    (registry / "d.json").write_text(json.dumps({"pid": os.getpid(), "start": now - 5000, "end": None}))
+    os.utime(registry / "d.json", (now - 4000, now - 4000))  # live pid, heartbeat long stopped: a reused pid
+    (registry / "e.json").write_text("{not json")
+    ends = {os.path.basename(r["path"]): r["end"] for r in read_records(str(registry), now)}
+    assert ends == {"a.json": now - 50, "b.json": pytest.approx(now - 30), "c.json": now, "d.json": pytest.approx(now - 4000)}
+
+    # two records of this process: both see each other; a third, after both, sees none
+    first = RunRecord("out/a", str(tmp_path / "reg2")).__enter__()
+    second = RunRecord("out/b", str(tmp_path / "reg2")).__enter__()
+    assert first.path != second.path and json.loads(open(second.path).read())["end"] is None
+    assert second.close() == 2 and first.close() == 2
+    with RunRecord("out/c", str(tmp_path / "reg2")) as third:
+        pass
+    assert json.loads(open(third.path).read())["end"] is not None
+    assert max_concurrent(read_records(str(tmp_path / "reg2")), third.record["start"], third.record["end"]) == 1
 
 
 def test_schedule_scale_data_and_only_arguments():

@@ -7,6 +7,7 @@ import resource
 import time
 
 from .configs import load_cfg, train_net_command
+from .registry import RunRecord
 
 
 def child_main(args) -> int:
@@ -30,9 +31,11 @@ def child_main(args) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    trainer = build_trainer(cfg)
-    trainer.resume_or_load(resume=True)
-    trainer.train()
+    with RunRecord(cfg.OUTPUT_DIR) as record:  # which other study runs share the machine meanwhile
+        trainer = build_trainer(cfg)
+        trainer.resume_or_load(resume=True)
+        trainer.train()
+        concurrent = record.close()
     wall = time.perf_counter() - start
     peak_alloc = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     peak_reserved = torch.cuda.max_memory_reserved() / 2**20 if cuda else None
@@ -88,7 +91,9 @@ def child_main(args) -> int:
         "peak_rss_worker_mib": peak_rss_workers,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
-        "concurrent_runs": int(os.environ.get("RUN_STUDY_CONCURRENT", "1")),
+        # study runs on this machine at once during training, this one included, whichever driver started them
+        "concurrent_runs": concurrent,
+        "parallel": int(os.environ.get("RUN_STUDY_CONCURRENT", "1")),  # this driver's --parallel
         "torch_threads": torch.get_num_threads(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

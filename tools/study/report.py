@@ -138,8 +138,9 @@ def render_block(runs: Dict, problems: Dict, methods: Sequence[str], seeds: Sequ
     shared = sorted({r["summary"].get("concurrent_runs", 1) for r in runs.values()})
     if shared != [1]:
         lines.append(
-            f"**Timing caveat**: runs shared the GPU with up to {max(shared) - 1} other run(s) (`--parallel`); s/iter "
-            "and wall time are not those of a dedicated GPU."
+            f"**Timing caveat**: runs shared the machine with up to {max(shared) - 1} other study run(s) "
+            "(`concurrent_runs` of each run's study_run.json: the runs of every driver on the machine while it "
+            "trained); s/iter and wall time are not those of a dedicated machine."
         )
     kernels = OrderedDict()
     for (method, seed), r in sorted(runs.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])):
