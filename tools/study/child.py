@@ -18,6 +18,7 @@ def child_main(args) -> int:
     from PIL import Image
 
     from semiseg_d2.data.mapper import SemSegDatasetMapper
+    from semiseg_d2.engine.checkpoint import atomic_write_text
     from semiseg_d2.engine.hooks import unwrap_model
     from semiseg_d2.engine.trainer import build_trainer
     from semiseg_d2.modeling import is_semi_supervised
@@ -97,8 +98,5 @@ def child_main(args) -> int:
         "torch_threads": torch.get_num_threads(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    tmp = os.path.join(cfg.OUTPUT_DIR, "study_run.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(cfg.OUTPUT_DIR, "study_run.json"))
+    atomic_write_text(json.dumps(summary, indent=1), os.path.join(cfg.OUTPUT_DIR, "study_run.json"))
     return 0

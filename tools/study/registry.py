@@ -24,13 +24,6 @@ def default_registry() -> str:
     return os.environ.get("RUN_STUDY_REGISTRY") or os.path.join(tempfile.gettempdir(), f"semiseg_d2_study_runs_{os.getuid()}")
 
 
-def _write(path: str, record: Dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -105,10 +98,15 @@ class RunRecord:
                     pass
         self.record["start"] = now
         self.path = os.path.join(self.registry, f"{os.getpid()}-{int(now * 1000)}-{next(_SERIAL)}.json")
-        _write(self.path, self.record)
+        self._save()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="study-run-heartbeat")
         self._thread.start()
         return self
+
+    def _save(self):
+        from semiseg_d2.engine.checkpoint import atomic_write_text  # imports torch: not at the driver's start-up
+
+        atomic_write_text(json.dumps(self.record), self.path)
 
     def _beat(self):
         while not self._stop.wait(HEARTBEAT_S):
@@ -123,7 +121,7 @@ class RunRecord:
             self._thread.join()
         end = time.time()
         self.record["end"] = end
-        _write(self.path, self.record)
+        self._save()
         return max_concurrent(read_records(self.registry, end), self.record["start"], end)
 
     def __exit__(self, *exc):
