@@ -4,17 +4,20 @@ property of the run, or of the one iteration at which it was measured?
 
     python tools/eval_checkpoints.py output/camvid_cpu/mean_teacher/seed2 --from-iter 1140 [--to-iter N] [--out end.json]
     python tools/eval_checkpoints.py output/camvid_cpu/mean_teacher/seed2 --from-iter 1200 --precise-bn 100
+    python tools/eval_checkpoints.py <run> --from-iter 1800 --every 100 --dataset camvid_train_46_labeled
 
 Reads ``<run>/config.yaml`` and the run's checkpoints (``model_<iteration>.pth`` written every
 ``SOLVER.CHECKPOINT_PERIOD`` and ``model_final.pth``), loads each one strictly into the run's model and evaluates
 it exactly as ``tools/train_net.py --eval-only`` does (every network the config evaluates: student and teacher for
-a semi-supervised run, ``TEST.EVAL_STUDENT`` / ``TEST.EVAL_TEACHER``) on one of its ``DATASETS.TEST`` (``--dataset``,
-default the first). ``--precise-bn N`` first recomputes each evaluated network's BN statistics on the same first N
-batches of the run's labeled training stream (weights fixed): student and teacher then differ by their weights
-only. Prints a table and writes JSON (default ``<run>/checkpoint_evals.json``; IoU null: class absent from ground
-truth and predictions):
+a semi-supervised run, ``TEST.EVAL_STUDENT`` / ``TEST.EVAL_TEACHER``) on its first ``DATASETS.TEST`` or on any
+registered dataset with semantic ground truth (``--dataset``: e.g. the labeled training frames, to tell a fall on
+val that is overfitting from one that is not). ``--every N`` keeps only the checkpoints whose step count is a
+multiple of N (and the final one). ``--precise-bn N`` first recomputes each evaluated network's BN statistics on
+the same first N batches of the run's labeled training stream (weights fixed): student and teacher then differ by
+their weights only. Prints a table and writes JSON (default ``<run>/checkpoint_evals.json``; IoU null: class absent
+from ground truth and predictions):
 
-    {"run_dir", "config", "from_iter", "to_iter", "dataset", "precise_bn",
+    {"run_dir", "config", "from_iter", "to_iter", "every", "dataset", "precise_bn",
      "checkpoints": [{"file", "iteration", "mIoU": {network: value}, "IoU": {network: {class: value}}}],
      "teacher_minus_student": {"values", "mean", "sd", "at_least_zero", "n"}}   (semi-supervised runs only)
 
@@ -47,16 +50,20 @@ def parse_args(argv=None):
                    help="before evaluating, recompute every evaluated network's BN statistics on the first N batches "
                         "of the run's labeled training stream, weights fixed (semiseg_d2.engine.precise_bn; "
                         "detectron2's TEST.PRECISE_BN). 0 (default): the checkpoint's own statistics")
+    p.add_argument("--every", type=int, default=1, metavar="N",
+                   help="only checkpoints whose step count is a multiple of N, and model_final.pth (default: 1, all)")
     p.add_argument("--dataset", default=None,
-                   help="the DATASETS.TEST entry to evaluate on (default: the run's first)")
+                   help="the registered dataset to evaluate on, with semantic ground truth (default: the run's first "
+                        "DATASETS.TEST)")
     p.add_argument("--out", default=None, help="JSON file (default: <run_dir>/checkpoint_evals.json)")
     return p.parse_args(argv)
 
 
-def list_checkpoints(run_dir: str, max_iter: int, from_iter: int = 0, to_iter: Optional[int] = None
-                     ) -> List[Tuple[int, str]]:
+def list_checkpoints(run_dir: str, max_iter: int, from_iter: int = 0, to_iter: Optional[int] = None,
+                     every: int = 1) -> List[Tuple[int, str]]:
     """(steps held, path) of the run's checkpoints with ``from_iter`` to ``to_iter`` steps, in order of steps;
-    ``model_final.pth`` counts as ``max_iter`` steps (a periodic file of the same step count is left out)."""
+    ``model_final.pth`` counts as ``max_iter`` steps (a periodic file of the same step count is left out). With
+    ``every`` > 1 only step counts that are a multiple of it, and the final file, are kept."""
     found = {}
     for name in os.listdir(run_dir):
         m = _PERIODIC.match(name)
@@ -65,7 +72,8 @@ def list_checkpoints(run_dir: str, max_iter: int, from_iter: int = 0, to_iter: O
     final = os.path.join(run_dir, "model_final.pth")
     if os.path.isfile(final):
         found[max_iter] = final
-    return [(it, found[it]) for it in sorted(found) if it >= from_iter and (to_iter is None or it <= to_iter)]
+    return [(it, found[it]) for it in sorted(found) if it >= from_iter and (to_iter is None or it <= to_iter)
+            and (it % every == 0 or found[it] == final)]
 
 
 def gap_summary(values: List[float]) -> dict:
@@ -74,6 +82,22 @@ def gap_summary(values: List[float]) -> dict:
     mean = statistics.fmean(values) if n else float("nan")
     sd = statistics.stdev(values) if n > 1 else float("nan")
     return {"values": values, "mean": mean, "sd": sd, "at_least_zero": sum(v >= 0 for v in values), "n": n}
+
+
+def dataset_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot be evaluated on (not registered, or its records carry no semantic ground truth), or None."""
+    from detectron2.data import DatasetCatalog
+
+    if name not in DatasetCatalog.list():
+        return "is not a registered dataset (registered: " + ", ".join(sorted(DatasetCatalog.list())) + ")"
+    records = DatasetCatalog.get(name)
+    if not records:
+        return "has no records"
+    missing = [r.get("file_name", "?") for r in records if not r.get("sem_seg_file_name")]
+    if missing:
+        return (f"has {len(missing)} of {len(records)} records without semantic ground truth "
+                f"(sem_seg_file_name), e.g. {missing[0]}")
+    return None
 
 
 def evaluated_networks(cfg, model):
@@ -110,15 +134,18 @@ def main(argv=None) -> int:
         print(f"eval_checkpoints: {config} has no DATASETS.TEST to evaluate on", file=sys.stderr)
         return 2
     dataset = args.dataset or cfg.DATASETS.TEST[0]
-    if dataset not in cfg.DATASETS.TEST:
-        print(f"eval_checkpoints: --dataset {dataset!r} is not one of the run's DATASETS.TEST "
-              f"{list(cfg.DATASETS.TEST)}", file=sys.stderr)
+    problem = dataset_problem(dataset)
+    if problem:
+        print(f"eval_checkpoints: --dataset {dataset!r} {problem}", file=sys.stderr)
         return 2
     cfg.DATASETS.TEST = (dataset,)
+    if args.every < 1:
+        print(f"eval_checkpoints: --every must be >= 1, got {args.every}", file=sys.stderr)
+        return 2
     if args.precise_bn < 0:
         print(f"eval_checkpoints: --precise-bn must be >= 0, got {args.precise_bn}", file=sys.stderr)
         return 2
-    checkpoints = list_checkpoints(args.run_dir, cfg.SOLVER.MAX_ITER, args.from_iter, args.to_iter)
+    checkpoints = list_checkpoints(args.run_dir, cfg.SOLVER.MAX_ITER, args.from_iter, args.to_iter, args.every)
     if not checkpoints:
         upto = "" if args.to_iter is None else f" and <= {args.to_iter}"
         print(f"eval_checkpoints: no model_<iteration>.pth / model_final.pth with >= {args.from_iter}{upto} steps "
@@ -144,7 +171,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{iteration:>7}  " + "  ".join(f"{n} {v:6.2f}" for n, v in row["mIoU"].items()), flush=True)
     out = {"run_dir": args.run_dir, "config": config, "from_iter": args.from_iter, "to_iter": args.to_iter,
-           "dataset": dataset, "precise_bn": args.precise_bn, "checkpoints": rows}
+           "every": args.every, "dataset": dataset, "precise_bn": args.precise_bn, "checkpoints": rows}
     if all({"teacher", "student"} <= set(r["mIoU"]) for r in rows):
         gaps = gap_summary([r["mIoU"]["teacher"] - r["mIoU"]["student"] for r in rows])
         out["teacher_minus_student"] = gaps

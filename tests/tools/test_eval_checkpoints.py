@@ -31,6 +31,9 @@ def test_checkpoint_files_map_to_the_steps_they_hold(tmp_path):
                    (1200, str(tmp_path / "model_final.pth"))]
     assert [it for it, _ in tool.list_checkpoints(str(tmp_path), max_iter=1200)] == [10, 1150, 1190, 1200]
     assert [it for it, _ in tool.list_checkpoints(str(tmp_path), 1200, from_iter=10, to_iter=1190)] == [10, 1150, 1190]
+    # --every: multiples of N only, and the final file whatever its step count
+    assert [it for it, _ in tool.list_checkpoints(str(tmp_path), 1200, every=50)] == [1150, 1200]
+    assert [it for it, _ in tool.list_checkpoints(str(tmp_path), 1205, every=10)] == [10, 1150, 1190, 1205]
 
 
 def test_gap_summary():
@@ -70,6 +73,35 @@ def test_every_checkpoint_from_an_iteration_is_evaluated_like_eval_only(tmp_path
     assert record["teacher_minus_student"]["values"] == pytest.approx(gaps)
     assert record["teacher_minus_student"]["n"] == 2
     assert sorted(os.listdir(tmp_path)) == sorted(before + ["evals.json"])  # nothing of the run rewritten
+
+
+def test_any_registered_dataset_with_ground_truth_can_be_evaluated(tmp_path, capsys):
+    """--dataset need not be one of the run's DATASETS.TEST (the labeled training frames: is a fall on val
+    overfitting?); the figures are those of an --eval-only on that dataset."""
+    cfg = camvid_semi_cfg(tmp_path, 4, **{"SOLVER.CHECKPOINT_PERIOD": 2, "SOLVER.BASE_LR": 0.05})
+    trainer = SemiSegTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    (tmp_path / "config.yaml").write_text(cfg.dump())
+    tool = _load_tool()
+    out = tmp_path / "train.json"
+    train_set = cfg.DATASETS.TRAIN_LABELED[0]
+    assert tool.main([str(tmp_path), "--every", "4", "--dataset", train_set, "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["dataset"] == train_set and record["every"] == 4
+    assert [r["file"] for r in record["checkpoints"]] == ["model_final.pth"]  # step 2 is not a multiple of 4
+    on_train = cfg.clone()
+    on_train.DATASETS.TEST = (train_set,)
+    expected = _independent_eval(on_train, str(tmp_path / "model_final.pth"))
+    assert record["checkpoints"][0]["mIoU"] == pytest.approx(expected)
+    assert record["checkpoints"][0]["mIoU"] != pytest.approx(_independent_eval(cfg, str(tmp_path / "model_final.pth")))
+
+    assert tool.main([str(tmp_path), "--dataset", "camvid_no_such_split"]) == 2
+    assert "'camvid_no_such_split' is not a registered dataset" in capsys.readouterr().err
+    assert tool.main([str(tmp_path), "--dataset", cfg.DATASETS.TRAIN_UNLABELED[0]]) == 2
+    assert "without semantic ground truth" in capsys.readouterr().err
+    assert tool.main([str(tmp_path), "--every", "0"]) == 2
+    assert "--every must be >= 1" in capsys.readouterr().err
 
 
 def test_a_folder_without_config_or_checkpoints_is_named(tmp_path, capsys):
