@@ -85,18 +85,18 @@ def gap_summary(values: List[float]) -> dict:
 
 
 def dataset_problem(name: str) -> Optional[str]:
-    """Why ``name`` cannot be evaluated on (not registered, or its records carry no semantic ground truth), or None."""
-    from detectron2.data import DatasetCatalog
+    """Why ``name`` cannot be evaluated on (not registered or empty: ``load_dataset_dicts``'s errors; or records
+    without semantic ground truth), or None."""
+    from semiseg_d2.data.build import load_dataset_dicts
 
-    if name not in DatasetCatalog.list():
-        return "is not a registered dataset (registered: " + ", ".join(sorted(DatasetCatalog.list())) + ")"
-    records = DatasetCatalog.get(name)
-    if not records:
-        return "has no records"
+    try:
+        records = load_dataset_dicts([name], "--dataset")
+    except (KeyError, ValueError) as e:
+        return str(e.args[0])
     missing = [r.get("file_name", "?") for r in records if not r.get("sem_seg_file_name")]
     if missing:
-        return (f"has {len(missing)} of {len(records)} records without semantic ground truth "
-                f"(sem_seg_file_name), e.g. {missing[0]}")
+        return (f"--dataset: dataset '{name}' has {len(missing)} of {len(records)} records without semantic ground "
+                f"truth (sem_seg_file_name), e.g. {missing[0]}")
     return None
 
 
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     problem = dataset_problem(dataset)
     if problem:
-        print(f"eval_checkpoints: --dataset {dataset!r} {problem}", file=sys.stderr)
+        print(f"eval_checkpoints: {problem}", file=sys.stderr)
         return 2
     cfg.DATASETS.TEST = (dataset,)
     if args.every < 1:
@@ -148,8 +148,9 @@ def main(argv=None) -> int:
     checkpoints = list_checkpoints(args.run_dir, cfg.SOLVER.MAX_ITER, args.from_iter, args.to_iter, args.every)
     if not checkpoints:
         upto = "" if args.to_iter is None else f" and <= {args.to_iter}"
-        print(f"eval_checkpoints: no model_<iteration>.pth / model_final.pth with >= {args.from_iter}{upto} steps "
-              f"in {args.run_dir}", file=sys.stderr)
+        every = "" if args.every == 1 else f" (a multiple of {args.every}, or the final file)"
+        print(f"eval_checkpoints: no model_<iteration>.pth / model_final.pth with >= {args.from_iter}{upto} steps"
+              f"{every} in {args.run_dir}", file=sys.stderr)
         return 2
     trainer = SemiSegTrainer if is_semi_supervised(cfg) else SegTrainer
     model = trainer.build_model(cfg)

@@ -97,9 +97,10 @@ def test_any_registered_dataset_with_ground_truth_can_be_evaluated(tmp_path, cap
     assert record["checkpoints"][0]["mIoU"] != pytest.approx(_independent_eval(cfg, str(tmp_path / "model_final.pth")))
 
     assert tool.main([str(tmp_path), "--dataset", "camvid_no_such_split"]) == 2
-    assert "'camvid_no_such_split' is not a registered dataset" in capsys.readouterr().err
+    assert "--dataset: dataset 'camvid_no_such_split' is not registered" in capsys.readouterr().err
     assert tool.main([str(tmp_path), "--dataset", cfg.DATASETS.TRAIN_UNLABELED[0]]) == 2
-    assert "without semantic ground truth" in capsys.readouterr().err
+    assert f"dataset '{cfg.DATASETS.TRAIN_UNLABELED[0]}' has" in (err := capsys.readouterr().err)
+    assert "without semantic ground truth" in err
     assert tool.main([str(tmp_path), "--every", "0"]) == 2
     assert "--every must be >= 1" in capsys.readouterr().err
 
