@@ -97,5 +97,47 @@ class TestFormats(st.TreeCase):
         self.assertRegex(first, r"^train/\S+\.png trainannot/\S+\.png$")
 
 
+class TestClassPixelStats(unittest.TestCase):
+    """make_splits.py stats: each class's share of a dataset's labeled pixels and the images that hold it."""
+
+    def test_shares_and_images_are_counted_from_the_label_files(self):
+        import json
+        import tempfile
+
+        import numpy as np
+        from PIL import Image
+
+        records = DatasetCatalog.get("camvid_mini_train_5_labeled")
+        labels = [np.array(Image.open(r["sem_seg_file_name"])) for r in records]  # CamVid: train ids, 11 = void
+        counts = np.stack([np.bincount(a.ravel(), minlength=12)[:11] for a in labels])
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "stats.json")
+            self.assertEqual(_load_tool("make_splits").main(
+                ["stats", "--dataset", "camvid_mini_train_5_labeled", "camvid_mini_val", "--min-share", "0.02",
+                 "--json", out]), 0)
+            with open(out) as f:
+                got = json.load(f)
+        first = got[0]
+        self.assertEqual((first["dataset"], first["images"]), ("camvid_mini_train_5_labeled", len(records)))
+        self.assertEqual(first["labeled_pixels"], int(counts.sum()))  # void pixels left out
+        self.assertLess(first["labeled_pixels"], sum(a.size for a in labels))
+        classes = list(first["classes"])
+        self.assertEqual(classes[7], "fence")
+        for i, c in enumerate(classes):
+            self.assertAlmostEqual(first["classes"][c]["share"], counts[:, i].sum() / counts.sum(), places=12)
+            held = sum(int(counts[k, i] >= 0.02 * labels[k].size) for k in range(len(labels)))
+            self.assertEqual(first["classes"][c]["images"], held, c)
+        self.assertAlmostEqual(sum(v["share"] for v in first["classes"].values()), 1.0, places=9)
+        self.assertEqual(got[1]["dataset"], "camvid_mini_val")
+
+    def test_a_dataset_without_labels_is_named(self):
+        from semiseg_d2.data.splits.splits import class_pixel_stats
+
+        with self.assertRaisesRegex(ValueError, "camvid_mini_train_5_unlabeled' has 36 image.*without sem_seg_file_name"):
+            class_pixel_stats("camvid_mini_train_5_unlabeled")
+        with self.assertRaisesRegex(KeyError, "'no_such_set' is not registered"):
+            class_pixel_stats("no_such_set")
+
+
 if __name__ == "__main__":
     unittest.main()

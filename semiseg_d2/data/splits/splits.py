@@ -24,6 +24,7 @@ __all__ = [
     "make_partition",
     "partition_dataset",
     "convert_list",
+    "class_pixel_stats",
 ]
 
 SHIPPED_SPLITS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -166,3 +167,42 @@ def convert_list(in_path: str, out_path: str, fmt: str, dataset_name: Optional[s
             out.append(format_record(by_id[key], fmt, root))
     write_list(out_path, out)
     return len(out)
+
+
+def class_pixel_stats(dataset_name: str, min_share: float = 0.01) -> Dict:
+    """Per class of a registered semantic-segmentation dataset: its share of the labeled pixels (ignore left out)
+    and how many images hold at least ``min_share`` of their pixels of it — to see whether a labeled split
+    represents the classes as the full set and the val set do. Labels are read as training reads them
+    (``load_sem_seg``: label maps applied, values checked, errors name the file).
+
+    Returns ``{"dataset", "images", "labeled_pixels", "min_share", "classes": {class: {"share", "images"}}}``
+    (share in [0, 1]).
+    """
+    import numpy as np
+
+    from ..label_io import load_sem_seg
+    from detectron2.data import MetadataCatalog
+
+    records, _ = _dataset_records(dataset_name)
+    meta = MetadataCatalog.get(dataset_name)
+    classes = list(meta.stuff_classes)
+    missing = [r.get("file_name", "?") for r in records if not r.get("sem_seg_file_name")]
+    if missing:
+        raise ValueError(f"dataset '{dataset_name}' has {len(missing)} image(s) without sem_seg_file_name "
+                         f"(e.g. {missing[0]}): class statistics need labels")
+    totals = np.zeros(len(classes), dtype=np.int64)
+    holding = np.zeros(len(classes), dtype=np.int64)
+    for r in records:
+        label = load_sem_seg(r["sem_seg_file_name"], dataset_name)
+        counts = np.bincount(label.ravel(), minlength=256)[: len(classes)]
+        totals += counts
+        holding += counts >= min_share * label.size
+    n = int(totals.sum())
+    return {
+        "dataset": dataset_name,
+        "images": len(records),
+        "labeled_pixels": n,
+        "min_share": min_share,
+        "classes": {c: {"share": (float(totals[i]) / n if n else 0.0), "images": int(holding[i])}
+                    for i, c in enumerate(classes)},
+    }
