@@ -28,7 +28,7 @@ from typing import Dict, List, Sequence
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/: the study package
 
 from study.configs import BASELINE, METHODS, run_dir  # noqa: E402
-from study.metrics import read_metrics, load_run, RunProblem  # noqa: E402
+from study.metrics import load_run, RunProblem  # noqa: E402
 
 _FREE_KEYS = ("SEED", "OUTPUT_DIR")
 
@@ -80,9 +80,7 @@ def collect(roots: Sequence[str], method: str) -> Dict[int, Dict]:
                 run = load_run(path, method, seed)
             except RunProblem as e:
                 raise ValueError(f"{path}: {e}") from None
-            prefix = f"{run['summary']['main_network']}/sem_seg/" if run["summary"]["main_network"] else "sem_seg/"
-            final = [r for r in read_metrics(os.path.join(path, "metrics.json"))
-                     if r["iteration"] == run["summary"]["max_iter"] and prefix + "mIoU" in r][-1]
+            prefix, final = run["prefix"], run["final_row"]
             missing = [c for c in run["per_class"] if prefix + "ACC-" + c not in final]
             if missing:
                 raise ValueError(f"{path}/metrics.json: final evaluation has no {prefix}ACC-{missing[0]}")

@@ -83,6 +83,8 @@ def load_run(path: str, method: str, seed: int) -> Dict:
         "miou": float(final[prefix + "mIoU"]),
         "student_miou": None if student is None else float(student),
         "per_class": per_class,
+        "prefix": prefix,  # the reported network's metric prefix ("teacher/sem_seg/", "sem_seg/")
+        "final_row": final,  # metrics.json's final evaluation row of it (every metric, every network)
         "s_per_iter": seconds_per_iter(rows, summary["burn_in_iters"]),
         "loss_curve": [(r["iteration"], r["total_loss"]) for r in rows if "total_loss" in r],
         "miou_curve": [(r["iteration"], r[prefix + "mIoU"]) for r in rows if prefix + "mIoU" in r],
